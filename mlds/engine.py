@@ -1,0 +1,156 @@
+"""The population engine: a LightningModule that trains K networks of one task at once.
+
+Each network has its own initial weights and batch order (from its seed),
+its own Adam state (Adam is element-wise, so one Adam over the stacked
+parameters is K independent ones) and its own stopping point: after each
+epoch, every network whose validation losses are all below ``stop_loss`` is
+retired with its weights and dropped from the batch, so it no longer changes.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from functools import partial
+
+import lightning as L
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader
+
+from mlds.population import PopulationRecurrentNet
+from mlds.tasks import Split, Task, score
+
+
+def batch_order(seed: int, epoch: int, n: int) -> Tensor:
+    """The order in which network ``seed`` visits the ``n`` training sequences in ``epoch``."""
+    state = np.random.SeedSequence([int(seed), int(epoch), 0x0BA7C4]).generate_state(2, dtype=np.uint64)
+    gen = torch.Generator().manual_seed(int(state[0] & np.uint64(2**63 - 1)))
+    return torch.randperm(n, generator=gen)
+
+
+@dataclass
+class NetworkRecord:
+    """What training produced for one network."""
+
+    seed: int
+    state_dict: dict[str, Tensor] | None = None
+    epochs: int = 0
+    converged: bool = False
+    history: dict[str, list[float]] = field(default_factory=dict)
+
+
+class PopulationModule(L.LightningModule):
+    """Trains ``PopulationRecurrentNet`` ``net`` (one network per seed) on ``task``."""
+
+    def __init__(self, net: PopulationRecurrentNet, task: Task, seeds: list[int], optimizer: partial,
+                 batch_size: int, stop_loss: float, eval_batch: int = 256):
+        super().__init__()
+        if net.size != len(seeds):
+            raise ValueError(f"population of {net.size} networks for {len(seeds)} seeds")
+        self.automatic_optimization = False
+        self.net = net
+        self.task = task
+        self.seeds = [int(s) for s in seeds]
+        self.optimizer_factory = optimizer
+        self.batch_size = int(batch_size)
+        self.stop_loss = float(stop_loss)
+        self.eval_batch = int(eval_batch)
+        self.active = list(range(len(self.seeds)))  # positions in seeds of the networks still training
+        self.records = [NetworkRecord(s) for s in self.seeds]
+        self.started = time.perf_counter()
+
+    # ---- Lightning hooks -------------------------------------------------------------------
+    def configure_optimizers(self):
+        return self.optimizer_factory(self.net.parameters())
+
+    def setup(self, stage: str) -> None:
+        self.task = self.task.to(self.device)
+
+    def train_dataloader(self) -> DataLoader:
+        n_batches = -(-len(self.task.train) // self.batch_size)
+        return DataLoader(range(n_batches), batch_size=None)
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader([0], batch_size=None)
+
+    def on_train_epoch_start(self) -> None:
+        n = len(self.task.train)
+        order = torch.stack([batch_order(self.seeds[i], self.current_epoch, n) for i in self.active])
+        self._order = order.to(self.device)
+        self._epoch_loss = torch.zeros(len(self.active), device=self.device)
+        self._epoch_batches = 0
+
+    def training_step(self, step: int, batch_idx: int) -> None:
+        idx = self._order[:, step * self.batch_size : (step + 1) * self.batch_size]
+        train = self.task.train
+        loss, _ = score(self.net(train.x[idx]), train.y[idx], None if train.mask is None else train.mask[idx],
+                        self.task.loss)
+        opt = self.optimizers()
+        opt.zero_grad(set_to_none=True)
+        self.manual_backward(loss.sum())
+        opt.step()
+        self._epoch_loss += loss.detach()
+        self._epoch_batches += 1
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        self._val = {name: self.evaluate(self.task.evals[name]) for name in self.task.stop_on}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            return
+        train_loss = (self._epoch_loss / max(self._epoch_batches, 1)).tolist()
+        val = {name: (loss.tolist(), acc.tolist()) for name, (loss, acc) in self._val.items()}
+        stopped = []
+        for j, i in enumerate(self.active):
+            record = self.records[i]
+            record.epochs = self.current_epoch + 1
+            record.history.setdefault("train_loss", []).append(train_loss[j])
+            for name, (loss, acc) in val.items():
+                record.history.setdefault(f"{name}_loss", []).append(loss[j])
+                record.history.setdefault(f"{name}_acc", []).append(acc[j])
+            if all(loss[j] < self.stop_loss for loss, _ in val.values()):
+                record.converged = True
+                stopped.append(j)
+        self.log("active", float(len(self.active)), prog_bar=True)
+        self.log("val_loss_median", float(np.median(val[self.task.stop_on[0]][0])), prog_bar=True)
+        if stopped:
+            self.retire(stopped)
+        if not self.active:
+            self.trainer.should_stop = True
+
+    def on_train_end(self) -> None:
+        self.retire(list(range(len(self.active))))
+
+    # ---- population bookkeeping ------------------------------------------------------------
+    def retire(self, positions: list[int]) -> None:
+        """Store the weights of the active networks at ``positions`` and drop them from training."""
+        for j in positions:
+            self.records[self.active[j]].state_dict = self.net.network_state_dict(j)
+        keep = [j for j in range(len(self.active)) if j not in set(positions)]
+        self.active = [self.active[j] for j in keep]
+        if keep:
+            index = torch.tensor(keep, device=self.device)
+            self.net.keep(index, self.optimizers().optimizer if self._trainer is not None else None)
+            if hasattr(self, "_order"):
+                self._order = self._order[index]
+                self._epoch_loss = self._epoch_loss[index]
+
+    @torch.no_grad()
+    def evaluate(self, split: Split) -> tuple[Tensor, Tensor]:
+        """Per-network (loss, accuracy) of the current population on ``split``."""
+        return evaluate(self.net, split, self.task.loss, self.eval_batch)
+
+
+@torch.no_grad()
+def evaluate(net: PopulationRecurrentNet, split: Split, loss: str, eval_batch: int = 256) -> tuple[Tensor, Tensor]:
+    """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` sequences."""
+    total_loss = total_acc = 0.0
+    weight_total = 0.0
+    for start in range(0, len(split), eval_batch):
+        sl = slice(start, start + eval_batch)
+        mask = None if split.mask is None else split.mask[sl]
+        l, a = score(net(split.x[sl].unsqueeze(0)), split.y[sl], mask, loss)
+        w = float(mask.sum()) if mask is not None else float(split.x[sl].shape[0])
+        total_loss, total_acc, weight_total = total_loss + l * w, total_acc + a * w, weight_total + w
+    return total_loss / max(weight_total, 1.0), total_acc / max(weight_total, 1.0)

@@ -1,0 +1,117 @@
+"""One training job: build the task, train the job's seeds as populations, store them."""
+from __future__ import annotations
+
+import logging
+import platform
+import subprocess
+import time
+from functools import lru_cache
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+import mlds
+from mlds.architectures import build, param_count
+from mlds.config import job_seeds, recipe, recipe_hash, validate
+from mlds.engine import NetworkRecord, PopulationModule, evaluate
+from mlds.population import PopulationRecurrentNet
+from mlds.store import Network, ZooStore, sample_key
+from mlds.tasks import Task
+
+log = logging.getLogger(__name__)
+
+
+def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
+    """Train the job's seeds that are not stored yet, ``population.size`` at a time;
+    returns the shards written."""
+    validate(cfg)
+    task: Task = instantiate(cfg.dataset.task)
+    store = ZooStore(cfg.zoo.root)
+    recipe_id = recipe_hash(cfg)
+    stored = store.keys(task.dataset, task.name, recipe_id)
+    seeds = job_seeds(cfg)
+    todo = [s for s in seeds if sample_key(task.dataset, task.name, s) not in stored]
+    if len(todo) < len(seeds):
+        log.info("%s/%s: %d of %d networks already stored", task.dataset, task.name, len(seeds) - len(todo), len(seeds))
+    if cfg.train.get("threads"):
+        torch.set_num_threads(int(cfg.train.threads))
+    shards = []
+    size = int(cfg.population.size)
+    for start in range(0, len(todo), size):
+        population = todo[start : start + size]
+        networks = train_population(cfg, task, population, log_dir)
+        shards.append(store.write_shard(task.dataset, task.name, recipe_id, networks))
+        converged = sum(n.meta["converged"] for n in networks)
+        log.info("stored %d networks of %s/%s (seeds %d..%d, %d converged) in %s", len(networks), task.dataset,
+                 task.name, population[0], population[-1], converged, shards[-1])
+    return shards
+
+
+def train_population(cfg: DictConfig, task: Task, seeds: list[int], log_dir: str | None = None) -> list[Network]:
+    """Train networks ``seeds`` of ``task`` together; returns them with their metadata."""
+    spec = OmegaConf.to_container(cfg.architecture, resolve=True)
+    started = time.perf_counter()
+    module = PopulationModule(PopulationRecurrentNet.from_seeds(spec, seeds), task, seeds, instantiate(cfg.optim),
+                              cfg.train.batch_size, cfg.train.stop_loss)
+    trainer = L.Trainer(
+        max_epochs=int(cfg.train.max_epochs), accelerator=cfg.train.accelerator, devices=cfg.train.devices,
+        logger=L.pytorch.loggers.CSVLogger(log_dir) if log_dir else False, enable_checkpointing=False,
+        num_sanity_val_steps=0, enable_progress_bar=bool(cfg.train.progress), enable_model_summary=False,
+        log_every_n_steps=1)
+    trainer.fit(module)
+    wall = time.perf_counter() - started
+    metrics = final_metrics(spec, module.records, module.task, module.device)
+    return [Network(sample_key(task.dataset, task.name, r.seed), r.state_dict,
+                    network_meta(cfg, task, spec, r, metrics[i], wall, len(seeds)))
+            for i, r in enumerate(module.records)]
+
+
+def final_metrics(spec: dict, records: list[NetworkRecord], task: Task, device) -> list[dict]:
+    """Loss and accuracy of each final network on the training set and every evaluation split."""
+    net = PopulationRecurrentNet(spec, [r.state_dict for r in records]).to(device)
+    splits = {"train": task.train, **task.evals}
+    scores = {name: evaluate(net, split, task.loss) for name, split in splits.items()}
+    return [{name: {"loss": float(loss[k]), "acc": float(acc[k])} for name, (loss, acc) in scores.items()}
+            for k in range(len(records))]
+
+
+def network_meta(cfg: DictConfig, task: Task, spec: dict, record: NetworkRecord, metrics: dict, wall: float,
+                 population: int) -> dict:
+    """The ``meta.json`` of one network (SPEC: what one zoo sample holds)."""
+    config = recipe(cfg)
+    config["seed"] = record.seed
+    return {
+        "dataset": task.dataset, "task": task.name, "seed": record.seed, "data_seed": int(cfg.data_seed),
+        "architecture": {"name": spec["name"], "param_count": param_count(build(spec)), **spec},
+        "config": config, "recipe": recipe_hash(cfg),
+        "epochs": record.epochs, "converged": record.converged, "stop_loss": float(cfg.train.stop_loss),
+        "metrics": metrics, "history": record.history, "task_description": task.description,
+        "wall_time_s": wall, "population_size": population, "versions": versions(), "code_revision": code_revision(),
+    }
+
+
+@lru_cache(maxsize=1)
+def versions() -> dict:
+    import hydra
+    import numpy
+    import safetensors
+    import webdataset
+    return {"python": platform.python_version(), "torch": torch.__version__, "lightning": L.__version__,
+            "hydra": hydra.__version__, "numpy": numpy.__version__, "webdataset": webdataset.__version__,
+            "safetensors": safetensors.__version__, "mlds": mlds.__version__}
+
+
+@lru_cache(maxsize=1)
+def code_revision() -> str:
+    """Git commit of the mlds source (``+dirty`` with local changes), or ``unknown``."""
+    src = Path(mlds.__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], cwd=src, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=src,
+                               capture_output=True, text=True, check=True).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
