@@ -1,0 +1,26 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.max_epochs=2", "train.progress=false"]
+GRU_SPEC = dict(cell="gru", input_size=9, hidden_size=8, num_layers=4, head_sizes=[36, 30, 30], output_size=8)
+LSTM_SPEC = dict(cell="lstm", input_size=9, hidden_size=64, num_layers=4, head_sizes=[258], output_size=4)
+
+
+def run_train(*overrides, check=True, timeout=300):
+    """Run the real ``train.py`` CLI from the repository root."""
+    env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+@pytest.fixture
+def train_cli():
+    return run_train

@@ -1,0 +1,97 @@
+"""Population engine: a network trains the same alone and inside a population."""
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from conftest import GRU_SPEC
+from mlds.architectures import build, param_count
+from mlds.engine import PopulationModule, batch_order
+from mlds.machines import MACHINES
+from mlds.population import PopulationRecurrentNet
+from mlds.tasks import device_machine_task, score
+
+
+@pytest.fixture(scope="module")
+def task():
+    return device_machine_task("ds1", MACHINES["simple_xor"](), 0, 128, 64, 64, 16, 0.5)
+
+
+class RecordingModule(PopulationModule):
+    """Remembers the batch order every network was given in every epoch."""
+
+    def on_train_epoch_start(self):
+        super().on_train_epoch_start()
+        self.orders = getattr(self, "orders", {})
+        for row, i in zip(self._order, self.active):
+            self.orders[(self.seeds[i], self.current_epoch)] = row.clone()
+
+
+def fit(task, seeds, max_steps=None, max_epochs=100, stop_loss=1e-9):
+    net = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
+    module = RecordingModule(net, task, seeds, partial(torch.optim.Adam, lr=3e-3), 32, stop_loss)
+    trainer = L.Trainer(max_steps=max_steps or -1, max_epochs=max_epochs, accelerator="cpu", logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0)
+    trainer.fit(module)
+    return module
+
+
+def test_param_count_ds1():
+    assert param_count(build(GRU_SPEC)) == 4364
+    assert PopulationRecurrentNet.from_seeds(GRU_SPEC, [0, 1, 2]).params[0].shape[0] == 3
+
+
+def test_alone_and_in_population_identical_start_batches_and_trajectory(task):
+    alone = fit(task, [7], max_steps=20)
+    crowd = fit(task, [3, 7, 11, 12], max_steps=20)
+    start_alone = PopulationRecurrentNet.from_seeds(GRU_SPEC, [7]).network_state_dict(0)
+    start_crowd = PopulationRecurrentNet.from_seeds(GRU_SPEC, [3, 7, 11, 12]).network_state_dict(1)
+    for name in start_alone:
+        assert torch.equal(start_alone[name], start_crowd[name])
+    epochs = [e for (s, e) in alone.orders if s == 7]
+    assert len(epochs) == 5  # 20 steps of 4 batches per epoch
+    for e in epochs:
+        assert torch.equal(alone.orders[(7, e)], crowd.orders[(7, e)])
+        assert torch.equal(alone.orders[(7, e)], batch_order(7, e, 128))
+    assert not torch.equal(crowd.orders[(3, 0)], crowd.orders[(7, 0)])
+    a, c = alone.records[0].state_dict, crowd.records[1].state_dict
+    assert alone.trainer.global_step == crowd.trainer.global_step == 20
+    moved = max((a[n] - start_alone[n]).abs().max().item() for n in a)
+    assert moved > 1e-3  # it really trained
+    assert max((a[n] - c[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_dropping_networks_does_not_change_the_others(task):
+    seeds = [1, 2, 3]
+    x, y = task.train.x[:32], task.train.y[:32]
+
+    def steps(net, opt, n):
+        for _ in range(n):
+            loss, _ = score(net(x.unsqueeze(0)), y, None, "bce")
+            opt.zero_grad()
+            loss.sum().backward()
+            opt.step()
+
+    full = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
+    opt_full = torch.optim.Adam(full.parameters(), lr=1e-2)
+    steps(full, opt_full, 5)
+    full.keep(torch.tensor([0, 2]), opt_full)
+    steps(full, opt_full, 5)
+    pair = PopulationRecurrentNet.from_seeds(GRU_SPEC, [1, 3])
+    opt_pair = torch.optim.Adam(pair.parameters(), lr=1e-2)
+    steps(pair, opt_pair, 10)
+    for k in range(2):
+        a, b = full.network_state_dict(k), pair.network_state_dict(k)
+        assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_stopped_network_keeps_its_weights(task):
+    one_epoch = fit(task, [4, 5], max_epochs=1)
+    stopped = fit(task, [4, 5], max_epochs=5, stop_loss=100.0)  # everyone converges after epoch 1
+    for r1, r2 in zip(one_epoch.records, stopped.records):
+        assert r2.converged and r2.epochs == 1 and len(r2.history["val_loss"]) == 1
+        assert not r1.converged
+        for name in r1.state_dict:
+            assert torch.equal(r1.state_dict[name], r2.state_dict[name])
