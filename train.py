@@ -1,5 +1,6 @@
 """Train networks into the zoo store.  ``python train.py -m dataset=ds2 'seed=range(0,500)'``"""
 import hydra
+import lightning  # noqa: F401  imported before Hydra configures logging, so conf/train.yaml sets its level
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 

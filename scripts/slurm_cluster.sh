@@ -7,15 +7,24 @@
 #   scripts/slurm_cluster.sh status   sinfo/squeue, or "not running"
 #
 # Intended for CI (.ci/run) and developers on Debian 12 (bookworm, Slurm 22.05),
-# run as root.  It does not need systemd or cgroups: munged, slurmctld and slurmd
-# are started directly as background daemons, processes are tracked with
-# proctrack/linuxproc and no task plugin is used (task/none).
+# run as root.  It does not need systemd or cgroups: munged, slurmctld, slurmd
+# (and, for accounting, mariadbd + slurmdbd) are started directly as background
+# daemons, job processes are tracked with proctrack/linuxproc and no task
+# plugin is used (task/none).  All daemons talk over 127.0.0.1, so the host
+# name does not even have to resolve.
 #
 # Everything is idempotent: "start" on a running cluster only re-checks it,
 # "stop" on a stopped cluster is a no-op.
 #
-# NOTE: this is a *test* cluster.  SlurmUser=root (slurmctld runs as root) and
-# there is no accounting database (no slurmdbd), so `sacct` does not work.
+# NOTE: this is a *test* cluster: SlurmUser=root (slurmctld/slurmdbd run as root)
+# and the accounting database is a private MariaDB instance run as root,
+# listening on 127.0.0.1 only, with its data under $STATE_DIR.
+#
+# Accounting (slurmdbd + MariaDB) is on by default because `sacct` is what
+# submitit uses to notice jobs that died without writing a result (scancel,
+# time limit, OOM, node failure).  Without it such a job makes
+# `job.result()` wait forever.  MLDS_SLURM_ACCOUNTING=0 gives the minimal
+# cluster (only slurm-wlm + munge, no sacct).
 #
 # Environment overrides (all optional):
 #   MLDS_SLURM_STATE_DIR  pid files, slurmctld state, slurmd spool  (/run/mlds-slurm)
@@ -25,6 +34,8 @@
 #                         the Debian default                        (/etc/slurm/slurm.conf)
 #   MLDS_SLURM_TIMEOUT    seconds to wait for the node to become idle  (60)
 #   MLDS_SLURM_MEM_RESERVE_MB  memory (MB) kept back from RealMemory   (1024)
+#   MLDS_SLURM_ACCOUNTING 1 = slurmdbd + private MariaDB, 0 = none   (1)
+#   MLDS_SLURM_DB_PORT    TCP port of the private MariaDB (127.0.0.1)  (6820)
 # -----------------------------------------------------------------------------
 set -euo pipefail
 
@@ -33,7 +44,13 @@ LOG_DIR=${MLDS_SLURM_LOG_DIR:-/var/log/slurm}
 SLURM_CONF_FILE=${MLDS_SLURM_CONF:-/etc/slurm/slurm.conf}
 TIMEOUT=${MLDS_SLURM_TIMEOUT:-60}
 MEM_RESERVE_MB=${MLDS_SLURM_MEM_RESERVE_MB:-1024}
+ACCOUNTING=${MLDS_SLURM_ACCOUNTING:-1}
+DB_PORT=${MLDS_SLURM_DB_PORT:-6820}
+DB_DIR=$STATE_DIR/mariadb
+# slurmdbd.conf must live next to slurm.conf (Slurm looks for it there).
+SLURMDBD_CONF_FILE=$(dirname "$SLURM_CONF_FILE")/slurmdbd.conf
 export SLURM_CONF=$SLURM_CONF_FILE   # client tools (sinfo, scontrol) read this
+export PATH=$PATH:/usr/sbin:/sbin     # daemons live in /usr/sbin
 
 # Marker written into every file we generate, so that we never overwrite a
 # slurm.conf that somebody else wrote without backing it up first.
@@ -61,12 +78,27 @@ pid_alive() {
 # Step 1: packages.  Skipped entirely when the daemons are already installed.
 # ---------------------------------------------------------------------------
 install_packages() {
-    if command -v slurmctld >/dev/null && command -v slurmd >/dev/null \
-        && command -v munged >/dev/null && command -v sinfo >/dev/null; then
-        log "slurm and munge already installed ($(slurmctld -V))"
+    # command -> Debian package providing it
+    local -A pkg_of=([slurmctld]=slurmctld [slurmd]=slurmd [sinfo]=slurm-client
+                     [munged]=munge)
+    if (( ACCOUNTING )); then
+        # Only the *-core MariaDB packages: they contain the server binary but no
+        # maintainer scripts that create/start a system database.
+        pkg_of+=([slurmdbd]=slurmdbd [mariadbd]=mariadb-server-core
+                 [mariadb-install-db]=mariadb-server-core [mariadb]=mariadb-client-core)
+    fi
+    local cmd missing=()
+    for cmd in "${!pkg_of[@]}"; do
+        command -v "$cmd" >/dev/null || missing+=("${pkg_of[$cmd]}")
+    done
+    if (( ${#missing[@]} == 0 )); then
+        log "packages already installed ($(slurmctld -V))"
         return
     fi
-    log "installing slurm-wlm and munge with apt-get ..."
+    # slurm-wlm is the metapackage (slurmctld + slurmd + slurm-client).
+    local pkgs=(slurm-wlm munge)
+    (( ACCOUNTING )) && pkgs+=(slurmdbd mariadb-server-core mariadb-client-core)
+    log "missing: ${missing[*]}; installing ${pkgs[*]} with apt-get ..."
     # Packages must not try to start their services (there is no systemd and we
     # start the daemons ourselves below).  Debian's mechanism for this is a
     # policy-rc.d that exits 101; add a temporary one if the host has none.
@@ -76,10 +108,10 @@ install_packages() {
         chmod 755 /usr/sbin/policy-rc.d
         own_policy=1
     fi
-    export DEBIAN_FRONTEND=noninteractive
     local rc=0
-    { apt-get update -q \
-        && apt-get install -y -q --no-install-recommends slurm-wlm munge; } || rc=$?
+    { DEBIAN_FRONTEND=noninteractive apt-get update -q \
+        && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+            --no-install-recommends "${pkgs[@]}"; } || rc=$?
     (( own_policy )) && rm -f /usr/sbin/policy-rc.d
     (( rc == 0 )) || die "apt-get failed (rc=$rc)"
     log "installed $(slurmctld -V)"
@@ -104,7 +136,7 @@ setup_munge() {
 # Step 3: slurm.conf describing THIS host.
 # ---------------------------------------------------------------------------
 write_slurm_conf() {
-    local host hw cpus boards sockets cores threads mem_hw mem cpus_total defmem
+    local host hw cpus boards sockets cores threads mem_hw mem defmem
     host=$(hostname -s)
     # `slurmd -C` prints the hardware as slurmd sees it, e.g.
     #   NodeName=vm CPUs=2 Boards=1 SocketsPerBoard=1 CoresPerSocket=2 ThreadsPerCore=1 RealMemory=24036
@@ -134,7 +166,8 @@ $MARKER -- do not edit, rerun the script instead.
 # Single-node test cluster on host '$host'.
 # Hardware as seen by slurmd -C: ${hw:-n/a}
 ClusterName=mlds
-SlurmctldHost=$host
+# host(address): use loopback, independent of DNS / /etc/hosts.
+SlurmctldHost=$host(127.0.0.1)
 
 # --- Authentication: munge (default socket /run/munge/munge.socket.2) ---
 AuthType=auth/munge
@@ -158,14 +191,11 @@ SlurmdDebug=info
 # --- Container friendly: no cgroups needed ---
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
 SwitchType=switch/none
 MpiDefault=none
 MailProg=/bin/true
 
-# --- No accounting database (sacct does not work) ---
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+$(accounting_conf)
 
 # --- Scheduling: cores and memory are consumable resources ---
 SchedulerType=sched/backfill
@@ -176,11 +206,13 @@ DefMemPerCPU=$defmem
 ReturnToService=2
 # Keep finished jobs visible in squeue/scontrol for a short while only.
 MinJobAge=60
+# (KillWait stays at its default of 30 s: a cancelled job whose processes
+# ignore SIGTERM -- submitit jobs do -- is SIGKILLed 30 s later.)
 SlurmctldTimeout=30
 SlurmdTimeout=60
 
 # --- The node and the partition ---
-NodeName=$host CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
+NodeName=$host NodeAddr=127.0.0.1 CPUs=$cpus Boards=$boards SocketsPerBoard=$sockets CoresPerSocket=$cores ThreadsPerCore=$threads RealMemory=$mem State=UNKNOWN
 PartitionName=debug Nodes=$host Default=YES MaxTime=INFINITE State=UP
 EOF
 
@@ -200,6 +232,123 @@ EOF
     fi
     # With proctrack/linuxproc + task/none Slurm 22.05 does not read
     # cgroup.conf, so none is written.
+}
+
+# ---------------------------------------------------------------------------
+# Step 3b (accounting only): private MariaDB + slurmdbd.conf.
+# The database is a separate mariadbd instance (datadir $DB_DIR, 127.0.0.1:$DB_PORT),
+# so a MariaDB/MySQL already installed on the host is neither used nor touched.
+# ---------------------------------------------------------------------------
+
+# slurm.conf lines for accounting (called inside the slurm.conf here-doc).
+accounting_conf() {
+    if (( ACCOUNTING )); then
+        cat <<EOF
+# --- Accounting: slurmdbd (on this host) -> private MariaDB; sacct works ---
+AccountingStorageType=accounting_storage/slurmdbd
+AccountingStorageHost=127.0.0.1
+AccountingStoragePort=6819
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+EOF
+    else
+        cat <<EOF
+# --- No accounting database (MLDS_SLURM_ACCOUNTING=0): sacct does not work ---
+AccountingStorageType=accounting_storage/none
+JobAcctGatherType=jobacct_gather/none
+JobCompType=jobcomp/none
+EOF
+    fi
+}
+
+# InnoDB settings that keep slurmdbd from logging "Database settings not
+# recommended values".  The buffer pool is only an upper bound (memory is used
+# as data gets cached; mariadbd stays at ~120 MB RSS here); the data
+# directory needs ~90 MB.
+DB_TUNING=(--innodb-buffer-pool-size=1024M --innodb-log-file-size=64M
+           --innodb-lock-wait-timeout=900)
+
+db_sql() { mariadb --no-defaults -S "$DB_DIR/mysqld.sock" -u root "$@"; }
+db_works() { db_sql -e 'SELECT 1' >/dev/null 2>&1; }
+
+setup_mariadb() {
+    install -d -m 0700 "$DB_DIR"
+    if [[ ! -d $DB_DIR/data/mysql ]]; then
+        log "initialising MariaDB data directory $DB_DIR/data"
+        rm -rf "$DB_DIR/data"
+        # root@localhost may only log in through the unix socket (as root).
+        mariadb-install-db --no-defaults --user=root --datadir="$DB_DIR/data" \
+            --auth-root-authentication-method=socket --skip-test-db \
+            "${DB_TUNING[@]}" >"$LOG_DIR/mariadb-install.log" 2>&1 \
+            || die "mariadb-install-db failed; see $LOG_DIR/mariadb-install.log"
+        rm -f "$DB_DIR/slurm.pass"
+    fi
+    # Password of the 'slurm' database user; generated once per data directory.
+    if [[ ! -s $DB_DIR/slurm.pass ]]; then
+        ( umask 077; head -c 18 /dev/urandom | base64 | tr -d '/+=' >"$DB_DIR/slurm.pass" )
+    fi
+}
+
+write_slurmdbd_conf() {
+    local tmp
+    tmp=$(mktemp)
+    cat >"$tmp" <<EOF
+$MARKER -- do not edit, rerun the script instead.
+# slurmdbd for the single-node test cluster (runs as root, test only).
+AuthType=auth/munge
+# DbdHost must be this host's short name; DbdAddr is where slurmctld finds it.
+DbdHost=$(hostname -s)
+DbdAddr=127.0.0.1
+DbdPort=6819
+SlurmUser=root
+LogFile=$LOG_DIR/slurmdbd.log
+PidFile=$STATE_DIR/slurmdbd.pid
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$(<"$DB_DIR/slurm.pass")
+StorageLoc=slurm_acct_db
+EOF
+    # slurmdbd refuses a slurmdbd.conf readable by others (it holds a password).
+    if [[ -e $SLURMDBD_CONF_FILE ]] && ! grep -qF "$MARKER" "$SLURMDBD_CONF_FILE"; then
+        log "backing up foreign $SLURMDBD_CONF_FILE to $SLURMDBD_CONF_FILE.mlds-backup"
+        cp -p "$SLURMDBD_CONF_FILE" "$SLURMDBD_CONF_FILE.mlds-backup"
+    fi
+    if [[ -e $SLURMDBD_CONF_FILE ]] && cmp -s "$tmp" "$SLURMDBD_CONF_FILE"; then
+        rm -f "$tmp"
+    else
+        install -m 0600 -o root -g root "$tmp" "$SLURMDBD_CONF_FILE"
+        rm -f "$tmp"
+        DBD_CONF_CHANGED=1
+        log "wrote $SLURMDBD_CONF_FILE"
+    fi
+}
+
+start_mariadb() {
+    if pid_alive "$STATE_DIR/mariadbd.pid" mariadbd && db_works; then
+        log "mariadbd already running (pid $(<"$STATE_DIR/mariadbd.pid"))"
+    else
+        log "starting mariadbd (127.0.0.1:$DB_PORT)"
+        rm -f "$STATE_DIR/mariadbd.pid"
+        # mariadbd does not daemonize itself: detach it with setsid.
+        setsid mariadbd --no-defaults --user=root --datadir="$DB_DIR/data" \
+            --socket="$DB_DIR/mysqld.sock" --pid-file="$STATE_DIR/mariadbd.pid" \
+            --bind-address=127.0.0.1 --port="$DB_PORT" \
+            --log-error="$LOG_DIR/mariadb.log" \
+            "${DB_TUNING[@]}" \
+            </dev/null >/dev/null 2>&1 &
+        local i
+        for (( i = 0; i < 150; i++ )); do db_works && break; sleep 0.2; done
+        db_works || die "mariadbd does not answer; see $LOG_DIR/mariadb.log"
+    fi
+    # (Re)create the slurm user with the current password; idempotent.
+    db_sql <<EOF || die "could not create the slurm database user"
+CREATE USER IF NOT EXISTS 'slurm'@'127.0.0.1';
+ALTER USER 'slurm'@'127.0.0.1' IDENTIFIED BY '$(<"$DB_DIR/slurm.pass")';
+GRANT ALL ON slurm_acct_db.* TO 'slurm'@'127.0.0.1';
+EOF
 }
 
 # ---------------------------------------------------------------------------
@@ -223,7 +372,7 @@ start_munged() {
     fi
     log "starting munged"
     rm -f "$MUNGE_PID_FILE"
-    # munged refuses/complains when run as root; run it as the 'munge' user.
+    # Like the Debian service, run munged as the 'munge' user (it owns the key).
     runuser -u munge -- /usr/sbin/munged --force \
         || die "munged failed to start; see /var/log/munge/munged.log"
     local i
@@ -232,29 +381,47 @@ start_munged() {
     cp "$MUNGE_PID_FILE" "$STATE_DIR/munged.pid"
 }
 
-# start_slurm_daemon NAME: start slurmctld or slurmd unless ours is running.
+# start_slurm_daemon NAME CHANGED: start slurmdbd, slurmctld or slurmd unless
+# ours is already running; restart it when its config file changed (CHANGED=1).
 start_slurm_daemon() {
-    local name=$1 pidfile=$STATE_DIR/$1.pid
+    local name=$1 changed=$2 pidfile=$STATE_DIR/$1.pid
     if pid_alive "$pidfile" "$name"; then
-        if (( CONF_CHANGED )); then
-            log "$name running but slurm.conf changed -> reconfigure"
-            RECONFIGURE=1
+        if (( changed )); then
+            log "$name running but its config changed -> restarting it"
+            stop_daemon "$name"
         else
             log "$name already running (pid $(<"$pidfile"))"
+            return
         fi
-        return
     fi
     if pgrep -x "$name" >/dev/null; then
         die "a $name not started by this script is running (pid $(pgrep -x "$name" | tr '\n' ' ')); stop it first"
     fi
     log "starting $name"
     rm -f "$pidfile"
-    "/usr/sbin/$name" -f "$SLURM_CONF_FILE" \
-        || die "$name failed to start; see $LOG_DIR/$name.log"
-    # The daemon writes its pid file shortly after forking.
+    # All three daemonize themselves and write the pid file named in the config.
+    # slurmdbd has no -f; it reads slurmdbd.conf next to $SLURM_CONF.
+    local args=()
+    [[ $name == slurmdbd ]] || args=(-f "$SLURM_CONF_FILE")
+    "/usr/sbin/$name" "${args[@]}" || die "$name failed to start; see $LOG_DIR/$name.log"
     local i
     for (( i = 0; i < 50; i++ )); do pid_alive "$pidfile" "$name" && return; sleep 0.2; done
     die "$name did not come up; see $LOG_DIR/$name.log"
+}
+
+# Wait until slurmdbd answers, then register the cluster in the database
+# (slurmctld needs the cluster to exist to send it job records).
+register_cluster() {
+    local i
+    for (( i = 0; i < 100; i++ )); do
+        sacctmgr -n -P list cluster format=cluster >/dev/null 2>&1 && break
+        sleep 0.3
+    done
+    if ! sacctmgr -n -P list cluster format=cluster 2>/dev/null | grep -qx mlds; then
+        log "registering cluster 'mlds' in slurmdbd"
+        sacctmgr -i add cluster mlds >/dev/null \
+            || { tail -n 30 "$LOG_DIR/slurmdbd.log" >&2; die "sacctmgr add cluster failed"; }
+    fi
 }
 
 node_state() { sinfo -h -N -n "$(hostname -s)" -o %T 2>/dev/null | head -n1; }
@@ -264,7 +431,9 @@ diagnostics() {
     sinfo -N -l 2>&1 || true
     scontrol show node "$(hostname -s)" 2>&1 || true
     local f
-    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
+    for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" "$LOG_DIR/slurmdbd.log" \
+             /var/log/munge/munged.log; do
+        [[ -e $f ]] || continue
         echo "---- tail $f ----"; tail -n 30 "$f" 2>&1 || true
     done
 }
@@ -275,6 +444,8 @@ wait_idle() {
         state=$(node_state)
         case $state in
             idle|mixed|allocated|completing) log "node state: $state"; return 0 ;;
+            # Registration rejected (config does not fit the hardware): waiting won't help.
+            inval*) break ;;
             down*|drain*|drained*)
                 # e.g. left "down" by a previous unclean shutdown: resume once.
                 if (( !resumed )); then
@@ -285,7 +456,7 @@ wait_idle() {
         esac
         sleep 1
     done
-    log "node did not become idle within ${TIMEOUT}s (state: ${state:-unknown})"
+    log "node did not become idle (state: ${state:-unknown}, waited $(( SECONDS - deadline + TIMEOUT ))s of ${TIMEOUT}s)"
     diagnostics
     return 1
 }
@@ -294,14 +465,23 @@ cmd_start() {
     [[ $EUID -eq 0 ]] || die "must run as root"
     local t0=$SECONDS
     install_packages
-    mkdir -p "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
+    install -d -m 0755 "$STATE_DIR" "$STATE_DIR/slurmctld" "$STATE_DIR/slurmd" "$LOG_DIR"
     setup_munge
-    CONF_CHANGED=0 RECONFIGURE=0
+    CONF_CHANGED=0 DBD_CONF_CHANGED=0
     write_slurm_conf
     start_munged
-    start_slurm_daemon slurmctld
-    start_slurm_daemon slurmd
-    (( RECONFIGURE )) && { scontrol reconfigure || true; }
+    if (( ACCOUNTING )); then
+        setup_mariadb
+        write_slurmdbd_conf
+        start_mariadb
+        start_slurm_daemon slurmdbd "$DBD_CONF_CHANGED"
+        register_cluster
+    else
+        stop_daemon slurmdbd    # accounting switched off since the last start
+        stop_daemon mariadbd
+    fi
+    start_slurm_daemon slurmctld "$CONF_CHANGED"
+    start_slurm_daemon slurmd "$CONF_CHANGED"
     wait_idle || exit 1
     log "cluster up in $(( SECONDS - t0 ))s (config: $SLURM_CONF_FILE, logs: $LOG_DIR)"
     sinfo
@@ -331,10 +511,13 @@ stop_daemon() {
 
 cmd_stop() {
     [[ $EUID -eq 0 ]] || die "must run as root"
-    # slurmd first (it reports to slurmctld), munged last (both need it).
+    # Reverse start order: slurmd, slurmctld, then the accounting daemons
+    # (slurmctld flushes job records to slurmdbd on exit), munged last.
     # Running job steps (slurmstepd) are not killed; `scancel` them first if needed.
     stop_daemon slurmd
     stop_daemon slurmctld
+    stop_daemon slurmdbd
+    stop_daemon mariadbd
     stop_daemon munged
     log "stopped"
 }
