@@ -224,3 +224,26 @@ def test_equality_detects_difference():
 def test_invalid_arguments(args):
     with pytest.raises(ValueError):
         generate_automaton(**args)
+
+
+# DS3's 100 tasks are defined by the generator: any change to it (numpy stream,
+# order of draws) silently changes every DS3 task, so the default automata are pinned.
+DS3_FINGERPRINT = "408822c86d13d4300823b3238812d7b5f73d4b56e8791dcaa3d048b270819dab"
+
+
+def test_ds3_automata_pinned():
+    import hashlib
+
+    h = hashlib.sha256()
+    for i in range(100):
+        h.update(json.dumps(generate_automaton(i).to_dict(), sort_keys=True).encode())
+    assert h.hexdigest() == DS3_FINGERPRINT
+    a = generate_automaton(0)
+    assert a.outputs.tolist() == [0, 0, 3, 2, 0, 1, 1, 2, 2, 0, 2, 2, 2, 1, 0, 3]
+    assert a.cycle == (0, 15, 8, 5, 13, 10, 2, 3, 6, 14, 9, 7, 11, 1, 4, 12)
+    assert a.transitions[0].tolist() == [15, 12, 12, 4, 15, 11, 15, 2, 8]
+
+
+def test_ds3_automata_distinct():
+    machines = [generate_automaton(i) for i in range(100)]
+    assert len({(m.transitions.tobytes(), m.outputs.tobytes()) for m in machines}) == 100
