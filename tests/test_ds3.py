@@ -47,7 +47,7 @@ def test_config_defaults():
     cfg = ds3_config()
     assert cfg.dataset.name == "ds3" and cfg.automaton == 0
     assert (cfg.data.n_states, cfg.data.n_inputs, cfg.data.n_outputs) == (16, 9, 4)
-    assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.seq_len) == (1024, 256, 256, 32)
+    assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.seq_len) == (8192, 256, 256, 32)
     assert cfg.train.batch_size == 32 and cfg.train.max_epochs == 1000
     assert cfg.optim._target_ == "torch.optim.Adam"
     # calibrated DS3 defaults (README, DS3 calibration) win over conf/train and conf/optim
