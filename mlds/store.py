@@ -2,35 +2,93 @@
 
 Layout: ``<root>/<dataset>/<task>/<dataset>-<task>-<recipe>-<first seed>-<last seed>-<id>.tar``.
 One sample per network, key ``<dataset>-<task>-<seed:06d>``, entries
-``weights.safetensors`` (plain state dict) and ``meta.json``. A shard is written
-under a hidden temporary name, flushed to disk and renamed only when complete,
-so a file ending in ``.tar`` is always a finished shard.
+``weights.safetensors`` (plain state dict) and ``meta.json``; ``meta.json``
+carries ``weights_sha256``, the SHA-256 of the ``weights.safetensors`` bytes,
+so that a damaged or differing copy of a network is recognised.
+
+Rules that keep the store from ever losing a network:
+
+- A shard is written under a hidden temporary name (``.<name>.partial``),
+  flushed and fsynced, then linked to its final name without replacing any
+  file, and the folder is fsynced. A file named ``*.tar`` (not hidden) is
+  therefore always a finished shard; a process killed at any moment leaves at
+  most a hidden ``.partial`` file, which nothing ever reads.
+- Shards are never modified or deleted by MLDS (except ``quarantine``, which
+  moves a corrupt shard aside into ``<root>/.quarantine/``). Writers only add
+  files with unique names, so any number of sweeps can write into one store.
+- Paths with a component starting with ``.`` (partials, ``.index``,
+  ``.quarantine``) are never taken for shards.
+- Reading checks the tar structure itself (Python's ``tarfile`` silently stops
+  at a damaged header or a truncated file); any defect raises
+  :class:`CorruptShardError` naming the file and the byte offset.
+
+A network stored twice (two sweeps racing, or a rerun with a different
+population split) is one network when both copies have the same recipe and
+weights digest: :class:`Catalog` keeps it once and counts the extra copy as a
+duplicate. Two *different* stored versions of one key are a conflict, reported
+and never merged silently.
 """
 from __future__ import annotations
 
-
+import hashlib
 import json
+import logging
 import os
 import tarfile
+import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import webdataset as wds
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
+log = logging.getLogger(__name__)
+
 SHARD_SUFFIX = ".tar"
+PARTIAL_SUFFIX = ".partial"
+WEIGHTS = "weights.safetensors"
+META = "meta.json"
+REQUIRED = (WEIGHTS, META)
+INDEX_DIR = ".index"
+QUARANTINE_DIR = ".quarantine"
+INDEX_VERSION = 1
+_BLOCK = 512
 
 
 def sample_key(dataset: str, task: str, seed: int) -> str:
     """WebDataset key of one network: ``ds1-parity-000042`` (no dots)."""
     key = f"{dataset}-{task}-{int(seed):06d}"
-    if "." in key or "/" in key:
-        raise ValueError(f"dataset and task names may not contain '.' or '/': {key!r}")
+    if "." in key or "/" in key or "-" in dataset or "-" in task:
+        raise ValueError(f"dataset and task names may not contain '.', '/' or '-': {key!r}")
     return key
+
+
+def parse_key(key: str) -> tuple[str, str, int]:
+    """``(dataset, task, seed)`` of a sample key (inverse of :func:`sample_key`)."""
+    try:
+        dataset, rest = key.split("-", 1)
+        task, seed = rest.rsplit("-", 1)
+        return dataset, task, int(seed)
+    except ValueError:
+        raise ValueError(f"not a zoo sample key: {key!r}") from None
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        while block := stream.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass
@@ -43,11 +101,57 @@ class Network:
 
 
 class CorruptShardError(RuntimeError):
-    """A shard that cannot be read completely."""
+    """A shard that cannot be read completely; names the file and the byte offset of the defect."""
+
+    def __init__(self, path: str | os.PathLike, offset: int, reason: str):
+        self.path, self.offset, self.reason = str(path), int(offset), reason
+        super().__init__(f"{path}: corrupt shard at byte offset {offset}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.offset, self.reason)
+
+
+# --------------------------------------------------------------------------- writing
+
+def encode(net: Network) -> dict:
+    """WebDataset sample dict of a network (``meta.json`` gains ``weights_sha256``)."""
+    weights = save_safetensors({k: v.detach().contiguous() for k, v in net.weights.items()})
+    meta = {**net.meta, "weights_sha256": sha256_bytes(weights)}
+    return {"__key__": net.key, WEIGHTS: weights, META: json.dumps(meta, sort_keys=True).encode()}
+
+
+def write_tar(path: Path, samples: Iterable[dict], mtime: float | None = None) -> int:
+    """Write raw samples (``__key__`` plus bytes entries) to a new tar at ``path``, fsynced; returns the count.
+    Fails if ``path`` exists."""
+    count = 0
+    mtime = int(time.time() if mtime is None else mtime)  # an integer mtime needs no pax header
+    with open(path, "xb") as stream:
+        with wds.TarWriter(stream, encoder=False, mtime=mtime) as writer:
+            for sample in samples:
+                writer.write(sample)
+                count += 1
+        stream.flush()
+        os.fsync(stream.fileno())
+    return count
+
+
+def publish(partial: Path, final: Path) -> None:
+    """Give a finished file its final name without ever replacing an existing file."""
+    try:
+        os.link(partial, final)  # atomic, and fails if ``final`` exists
+    except FileExistsError:
+        raise
+    except OSError:  # file system without hard links
+        if final.exists():
+            raise FileExistsError(final) from None
+        os.replace(partial, final)
+    else:
+        partial.unlink()
+    _fsync_dir(final.parent)
 
 
 class ZooStore:
-    """Writes and lists the shards of a zoo root."""
+    """Writes, lists and indexes the shards of a zoo root."""
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
@@ -55,81 +159,416 @@ class ZooStore:
     def task_dir(self, dataset: str, task: str) -> Path:
         return self.root / dataset / task
 
-    def shards(self, dataset: str | None = None) -> list[Path]:
-        """Finished shards, sorted, optionally of one dataset."""
+    def shards(self, dataset: str | None = None, task: str | None = None) -> list[Path]:
+        """Finished shards, sorted, optionally of one dataset (and task). Hidden paths are never shards."""
         base = self.root / dataset if dataset else self.root
-        if not base.exists():
+        if task:
+            base = base / task
+        if not base.is_dir():
             return []
-        return sorted(p for p in base.rglob(f"*{SHARD_SUFFIX}") if not p.name.startswith("."))
+        return sorted(p for p in base.rglob(f"*{SHARD_SUFFIX}")
+                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
 
     def write_shard(self, dataset: str, task: str, recipe: str, networks: list[Network]) -> Path:
         """Atomically write ``networks`` (of one task and recipe) as a new shard; returns its path."""
         if not networks:
             raise ValueError("no networks to write")
-        seeds = [n.meta["seed"] for n in networks]
+        seeds = [int(n.meta["seed"]) for n in networks]
         folder = self.task_dir(dataset, task)
         folder.mkdir(parents=True, exist_ok=True)
-        name = f"{dataset}-{task}-{recipe}-{min(seeds):06d}-{max(seeds):06d}-{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}"
-        final = folder / name
-        partial = folder / f".{name}.partial"
+        samples = [encode(n) for n in networks]
+        while True:
+            name = (f"{dataset}-{task}-{recipe}-{min(seeds):06d}-{max(seeds):06d}-"
+                    f"{uuid.uuid4().hex[:8]}{SHARD_SUFFIX}")
+            final, partial = folder / name, folder / f".{name}{PARTIAL_SUFFIX}"
+            if not final.exists() and not partial.exists():
+                break
         try:
-            with open(partial, "wb") as stream:
-                with wds.TarWriter(stream) as writer:
-                    for net in networks:
-                        writer.write(encode(net))
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(partial, final)
-            _fsync_dir(folder)
+            write_tar(partial, samples)
+            publish(partial, final)
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         return final
 
     def keys(self, dataset: str, task: str, recipe: str | None = None) -> set[str]:
-        """Keys stored for a task (only those trained with ``recipe``, if given)."""
+        """Keys stored for a task (only those trained with ``recipe``, if given).
+
+        Only structurally sound shards count: a corrupt shard is logged and its
+        networks count as missing, so a resumed sweep trains them again.
+        """
         found = set()
-        for shard in self.shards(dataset):
-            if shard.parent.name != task or (recipe and f"-{recipe}-" not in shard.name):
+        for shard in self.shards(dataset, task):
+            if recipe and f"-{recipe}-" not in shard.name:
                 continue
-            found.update(shard_keys(shard))
+            try:
+                found.update(shard_keys(shard))
+            except CorruptShardError as err:
+                log.warning("ignoring corrupt shard (its networks count as missing): %s", err)
         return found
 
+    # ----------------------------------------------------------------- index
 
-def encode(net: Network) -> dict:
-    """WebDataset sample dict of a network."""
-    return {"__key__": net.key,
-            "weights.safetensors": save_safetensors({k: v.contiguous() for k, v in net.weights.items()}),
-            "meta.json": json.dumps(net.meta, sort_keys=True).encode()}
+    def index(self, dataset: str | None = None, verify: bool = False, cache: bool = True
+              ) -> tuple[list[ShardIndex], list[CorruptShardError]]:
+        """Index of every finished shard (of ``dataset``): ``(sound shards, errors of corrupt ones)``.
+
+        Without ``verify`` the tar structure and every ``meta.json`` are checked;
+        ``verify`` also reads every weights file and checks its SHA-256. Results
+        are cached in ``<root>/.index/`` per shard (keyed on size and mtime; a
+        shard is never modified after it is written), so a later call reads only
+        new shards. ``verify`` ignores the cache.
+        """
+        good, bad = [], []
+        for shard in self.shards(dataset):
+            try:
+                good.append(self._index_one(shard, verify, cache))
+            except CorruptShardError as err:
+                bad.append(err)
+        return good, bad
+
+    def _cache_file(self, shard: Path) -> Path:
+        return self.root / INDEX_DIR / (str(shard.relative_to(self.root)) + ".json")
+
+    def _index_one(self, shard: Path, verify: bool, cache: bool) -> ShardIndex:
+        stat = shard.stat()
+        cache_file = self._cache_file(shard)
+        if cache and not verify:
+            try:
+                data = json.loads(cache_file.read_text())
+                if (data.get("version") == INDEX_VERSION and data["size"] == stat.st_size
+                        and data["mtime_ns"] == stat.st_mtime_ns):
+                    return ShardIndex(shard, stat.st_size, [Entry(shard=str(shard), **e) for e in data["entries"]])
+            except (OSError, ValueError, KeyError, TypeError):
+                pass
+        index = scan_shard(shard, verify=verify)
+        if cache:
+            entries = [{k: v for k, v in asdict(e).items() if k != "shard"} for e in index.entries]
+            blob = json.dumps({"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                               "entries": entries}, sort_keys=True)
+            try:  # best effort: a read-only store simply stays uncached
+                cache_file.parent.mkdir(parents=True, exist_ok=True)
+                tmp = cache_file.with_name(f".{cache_file.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+                tmp.write_text(blob)
+                os.replace(tmp, cache_file)
+            except OSError:
+                pass
+        return index
+
+    # ----------------------------------------------------------------- housekeeping
+
+    def partials(self, min_age_s: float = 0.0) -> list[Path]:
+        """Hidden ``.partial`` files left by writers (killed ones, or ones still running when young)."""
+        if not self.root.is_dir():
+            return []
+        now = time.time()
+        out = []
+        for p in self.root.rglob(f".*{PARTIAL_SUFFIX}"):
+            try:
+                if now - p.stat().st_mtime >= min_age_s:
+                    out.append(p)
+            except FileNotFoundError:  # finished meanwhile
+                pass
+        return sorted(out)
+
+    def remove_partials(self, min_age_s: float = 3600.0) -> list[Path]:
+        """Delete ``.partial`` files untouched for ``min_age_s`` (never a finished shard)."""
+        removed = []
+        for p in self.partials(min_age_s):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+        return removed
+
+    def quarantine(self, shard: str | os.PathLike) -> Path:
+        """Move a (corrupt) shard to ``<root>/.quarantine/<same relative path>``; its networks count as missing."""
+        shard = Path(shard)
+        target = self.root / QUARANTINE_DIR / shard.relative_to(self.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(shard, target)
+        return target
+
+
+# --------------------------------------------------------------------------- reading
+
+@dataclass
+class Entry:
+    """One stored copy of a network, as indexed (no weights): where it is and what it is."""
+
+    key: str
+    dataset: str
+    task: str
+    seed: int
+    recipe: str
+    converged: bool
+    epochs: int | None
+    weights_sha256: str
+    weights_offset: int
+    weights_size: int
+    meta_offset: int
+    meta_size: int
+    metrics: dict = field(default_factory=dict)
+    shard: str = ""
+
+    @property
+    def identity(self) -> tuple[str, str]:
+        """Two copies with equal identity are the same network."""
+        return self.recipe, self.weights_sha256
+
+
+@dataclass
+class ShardIndex:
+    path: Path
+    size: int
+    entries: list[Entry]
+
+
+def walk_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
+    """Samples of a shard from its tar headers: ``(key, {entry: (data offset, size)})``, in file order.
+
+    Checks what ``tarfile`` lets pass: every member's data lies inside the file,
+    names are ``<key>.<entry>``, a key's members are contiguous, and the archive
+    ends with its end-of-archive blocks (a damaged header or a truncated file
+    would otherwise look like a shorter, valid archive).
+    """
+    path = str(path)
+    try:
+        size = os.path.getsize(path)
+        stream = open(path, "rb")
+    except OSError as err:
+        raise CorruptShardError(path, 0, f"cannot open: {err}") from err
+    with stream:
+        try:
+            tar = tarfile.open(fileobj=stream, mode="r:")
+        except (tarfile.TarError, EOFError) as err:
+            raise CorruptShardError(path, 0, f"not a tar archive ({err})") from err
+        seen: set[str] = set()
+        key, members = None, {}
+        while True:
+            try:
+                info = tar.next()
+            except (tarfile.TarError, EOFError, ValueError) as err:
+                raise CorruptShardError(path, tar.offset, f"invalid tar header ({err})") from err
+            if info is None:
+                break
+            tar.members = []  # keep memory flat on large shards
+            if not info.isreg():
+                raise CorruptShardError(path, info.offset, f"unexpected tar member {info.name!r} (not a file)")
+            if info.offset_data + info.size > size:
+                raise CorruptShardError(path, info.offset_data,
+                                        f"truncated: {info.name} needs bytes up to {info.offset_data + info.size}, "
+                                        f"the file has {size}")
+            name = info.name
+            member_key, dot, ext = name.partition(".")
+            if not dot or not member_key or "/" in name:
+                raise CorruptShardError(path, info.offset, f"unexpected tar member name {name!r}")
+            if member_key != key:
+                if key is not None:
+                    yield key, members
+                if member_key in seen:
+                    raise CorruptShardError(path, info.offset, f"members of {member_key} are not contiguous")
+                seen.add(member_key)
+                key, members = member_key, {}
+            if ext in members:
+                raise CorruptShardError(path, info.offset, f"{name} occurs twice")
+            members[ext] = (info.offset_data, info.size)
+        end = tar.offset
+        stream.seek(end)
+        tail = stream.read(2 * _BLOCK)
+        if tail != b"\0" * (2 * _BLOCK):
+            if len(tail) < 2 * _BLOCK and not tail.strip(b"\0"):
+                reason = f"truncated: the file ends at byte {size} before the end-of-archive marker"
+            elif end >= size:
+                reason = f"truncated: the file ends at byte {size}, where a tar header or end-of-archive should be"
+            else:
+                reason = "invalid tar header (bad checksum or garbage where a header should be)"
+            raise CorruptShardError(path, end, reason)
+        if key is not None:  # the last sample only once the archive is known to be complete
+            yield key, members
+
+
+def shard_keys(shard: str | os.PathLike) -> list[str]:
+    """Keys of the samples in a shard, from its tar headers (structure checked)."""
+    return sorted(key for key, _ in walk_shard(shard))
+
+
+def _read_at(stream, path: str, offset: int, size: int, what: str) -> bytes:
+    stream.seek(offset)
+    data = stream.read(size)
+    if len(data) != size:
+        raise CorruptShardError(path, offset + len(data), f"truncated inside {what}")
+    return data
+
+
+def _check_sample(path: str, key: str, members: dict) -> None:
+    missing = [e for e in REQUIRED if e not in members]
+    if missing:
+        offset = min(o for o, _ in members.values()) if members else 0
+        raise CorruptShardError(path, offset, f"sample {key} lacks {', '.join(missing)}")
+
+
+def parse_meta(path: str, key: str, offset: int, data: bytes) -> dict:
+    """``meta.json`` bytes of sample ``key``, parsed and checked against the key."""
+    try:
+        meta = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptShardError(path, offset, f"meta.json of {key} is not valid JSON ({err})") from err
+    if not isinstance(meta, dict):
+        raise CorruptShardError(path, offset, f"meta.json of {key} is not an object")
+    try:
+        expected = parse_key(key)
+        found = (meta["dataset"], meta["task"], int(meta["seed"]))
+    except (KeyError, TypeError, ValueError) as err:
+        raise CorruptShardError(path, offset, f"meta.json of {key} lacks dataset/task/seed ({err})") from err
+    if found != expected:
+        raise CorruptShardError(path, offset, f"meta.json of {key} describes {found}, not the key {expected}")
+    return meta
+
+
+def check_weights(path: str, key: str, offset: int, data: bytes, meta: dict) -> dict[str, Tensor]:
+    """Weights bytes of ``key`` checked against their digest and parsed (safetensors: never unpickles)."""
+    digest = meta.get("weights_sha256")
+    if digest is not None and sha256_bytes(data) != digest:
+        raise CorruptShardError(path, offset, f"weights of {key} do not match their SHA-256 in meta.json")
+    try:
+        return load_safetensors(data)
+    except (SafetensorError, ValueError, RuntimeError) as err:
+        raise CorruptShardError(path, offset, f"weights of {key} are not a valid safetensors file ({err})") from err
+
+
+def scan_shard(shard: str | os.PathLike, verify: bool = False) -> ShardIndex:
+    """Index of one shard: its tar structure and every ``meta.json`` checked; with ``verify`` every
+    weights file too. Raises :class:`CorruptShardError` on the first defect."""
+    path = str(shard)
+    entries = []
+    with open(path, "rb") as stream:
+        for key, members in walk_shard(path):
+            _check_sample(path, key, members)
+            meta_offset, meta_size = members[META]
+            meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
+            w_offset, w_size = members[WEIGHTS]
+            digest = meta.get("weights_sha256")
+            if verify or digest is None:  # shards written before digests existed: compute it
+                data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
+                if verify:
+                    check_weights(path, key, w_offset, data, meta)
+                digest = digest or sha256_bytes(data)
+            entries.append(Entry(key=key, dataset=meta["dataset"], task=meta["task"], seed=int(meta["seed"]),
+                                 recipe=str(meta.get("recipe", "")), converged=bool(meta.get("converged", False)),
+                                 epochs=meta.get("epochs"), weights_sha256=digest, weights_offset=w_offset,
+                                 weights_size=w_size, meta_offset=meta_offset, meta_size=meta_size,
+                                 metrics=meta.get("metrics") or {}, shard=path))
+    return ShardIndex(Path(path), os.path.getsize(path), entries)
+
+
+def read_raw(entry: Entry, stream=None) -> tuple[bytes, bytes]:
+    """``(weights bytes, meta bytes)`` of an indexed copy, weights checked against their digest."""
+    own = stream is None
+    stream = stream or open(entry.shard, "rb")
+    try:
+        meta_bytes = _read_at(stream, entry.shard, entry.meta_offset, entry.meta_size, f"{entry.key}.{META}")
+        weights = _read_at(stream, entry.shard, entry.weights_offset, entry.weights_size, f"{entry.key}.{WEIGHTS}")
+    finally:
+        if own:
+            stream.close()
+    meta = parse_meta(entry.shard, entry.key, entry.meta_offset, meta_bytes)
+    if sha256_bytes(weights) != entry.weights_sha256 or meta.get("weights_sha256", entry.weights_sha256) != entry.weights_sha256:
+        raise CorruptShardError(entry.shard, entry.weights_offset,
+                                f"weights of {entry.key} do not match their SHA-256 (changed since indexed?)")
+    return weights, meta_bytes
+
+
+def read_entry(entry: Entry, stream=None) -> Network:
+    """The network of an indexed copy (checked)."""
+    weights, meta_bytes = read_raw(entry, stream)
+    meta = json.loads(meta_bytes)
+    return Network(entry.key, check_weights(entry.shard, entry.key, entry.weights_offset, weights, meta), meta)
+
+
+def read_shard(shard: str | os.PathLike, verify: bool = True) -> Iterator[Network]:
+    """The networks of one shard in file order, each checked (structure, meta, weights digest).
+
+    Samples before a defect are yielded; the defect raises :class:`CorruptShardError`.
+    """
+    path = str(shard)
+    with open(path, "rb") as stream:
+        for key, members in walk_shard(path):
+            _check_sample(path, key, members)
+            meta_offset, meta_size = members[META]
+            meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
+            w_offset, w_size = members[WEIGHTS]
+            data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
+            weights = check_weights(path, key, w_offset, data, meta) if verify else load_safetensors(data)
+            yield Network(key, weights, meta)
 
 
 def decode(sample: dict) -> Network:
-    """Inverse of :func:`encode` (never unpickles)."""
-    return Network(sample["__key__"], load_safetensors(sample["weights.safetensors"]),
-                   json.loads(sample["meta.json"]))
+    """Network of a raw WebDataset sample (bytes entries); checks the weights digest. Never unpickles."""
+    source = sample.get("__url__", "<sample>")
+    key = sample["__key__"]
+    missing = [e for e in REQUIRED if e not in sample]
+    if missing:
+        raise CorruptShardError(source, -1, f"sample {key} lacks {', '.join(missing)}")
+    meta = parse_meta(source, key, -1, sample[META])
+    return Network(key, check_weights(source, key, -1, sample[WEIGHTS], meta), meta)
 
 
-def shard_keys(shard: Path) -> list[str]:
-    """Keys of the samples in a shard, from its tar headers."""
-    try:
-        with tarfile.open(shard, "r:") as tar:
-            names = tar.getnames()
-    except (tarfile.TarError, OSError, EOFError) as err:
-        raise CorruptShardError(f"{shard}: {err}") from err
-    return sorted({name.split(".", 1)[0] for name in names})
+# --------------------------------------------------------------------------- catalog
+
+@dataclass
+class Catalog:
+    """The networks of a set of shards, one per key.
+
+    ``networks[(dataset, task)][seed]`` is the chosen copy (the first in shard
+    path order). ``duplicates`` counts extra copies identical to the chosen one
+    (same recipe and weights digest): kept once. ``conflicts`` maps each key
+    whose copies differ to all its copies; such a key is reported, never
+    silently resolved.
+    """
+
+    networks: dict[tuple[str, str], dict[int, Entry]]
+    duplicates: int
+    conflicts: dict[str, list[Entry]]
+    corrupt: list[CorruptShardError]
+
+    def count(self, dataset: str, task: str) -> int:
+        return len(self.networks.get((dataset, task), {}))
+
+    def tasks(self, dataset: str) -> list[str]:
+        return sorted(t for d, t in self.networks if d == dataset)
 
 
-def read_shard(shard: Path) -> Iterator[Network]:
-    """The networks of one shard, read with webdataset."""
-    for sample in wds.WebDataset(str(shard), shardshuffle=False, empty_check=False):
-        yield decode(sample)
+def build_catalog(indexes: Iterable[ShardIndex], corrupt: Iterable[CorruptShardError] = (),
+                  recipes: set[str] | None = None) -> Catalog:
+    """Group indexed copies by key (only copies of ``recipes``, if given)."""
+    copies: dict[str, list[Entry]] = defaultdict(list)
+    for index in sorted(indexes, key=lambda i: str(i.path)):
+        for entry in index.entries:
+            if recipes is None or entry.recipe in recipes:
+                copies[entry.key].append(entry)
+    networks: dict[tuple[str, str], dict[int, Entry]] = defaultdict(dict)
+    duplicates, conflicts = 0, {}
+    for key, found in copies.items():
+        first = found[0]
+        networks[(first.dataset, first.task)][first.seed] = first
+        if len({c.identity for c in found}) > 1:
+            conflicts[key] = found
+        else:
+            duplicates += len(found) - 1
+    for task_networks in networks.values():
+        items = sorted(task_networks.items())
+        task_networks.clear()
+        task_networks.update(items)
+    return Catalog(dict(networks), duplicates, conflicts, list(corrupt))
 
 
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
     try:
         os.fsync(fd)
+    except OSError:
+        pass
     finally:
         os.close(fd)
-
-

@@ -9,6 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.plugins.environments import LightningEnvironment
 import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +19,7 @@ from mlds.architectures import build, param_count
 from mlds.config import job_seeds, recipe, recipe_hash, validate
 from mlds.engine import NetworkRecord, PopulationModule, evaluate
 from mlds.population import PopulationRecurrentNet
+from mlds.progress import SweepProgress
 from mlds.store import Network, ZooStore, sample_key
 from mlds.tasks import Task
 
@@ -26,27 +28,55 @@ log = logging.getLogger(__name__)
 
 def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     """Train the job's seeds that are not stored yet, ``population.size`` at a time;
-    returns the shards written."""
+    returns the shards written.
+
+    Resume rule: a seed counts as stored when its key is in a sound shard of
+    the same recipe (:func:`mlds.config.recipe_hash`); a population shrinks to
+    its missing seeds. The store is looked at again before each population, so
+    sweeps running side by side skip what the other has stored meanwhile.
+    One line per finished population reports the sweep's networks done / total
+    and ETA (:mod:`mlds.progress`).
+    """
     validate(cfg)
     task: Task = instantiate(cfg.dataset.task)
     store = ZooStore(cfg.zoo.root)
     recipe_id = recipe_hash(cfg)
-    stored = store.keys(task.dataset, task.name, recipe_id)
     seeds = job_seeds(cfg)
-    todo = [s for s in seeds if sample_key(task.dataset, task.name, s) not in stored]
+    progress = SweepProgress.for_job(len(seeds))
+    name = f"{task.dataset}/{task.name}"
+
+    def missing(candidates: list[int]) -> list[int]:
+        stored = store.keys(task.dataset, task.name, recipe_id)
+        return [s for s in candidates if sample_key(task.dataset, task.name, s) not in stored]
+
+    todo = missing(seeds)
     if len(todo) < len(seeds):
-        log.info("%s/%s: %d of %d networks already stored", task.dataset, task.name, len(seeds) - len(todo), len(seeds))
+        progress.record("stored", len(seeds) - len(todo))
+        log.info("%s: %d of %d networks already stored (recipe %s) | %s", name, len(seeds) - len(todo), len(seeds),
+                 recipe_id, progress.line())
+    if not todo:
+        return []
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
     shards = []
     size = int(cfg.population.size)
+    progress.record("start", 0)
     for start in range(0, len(todo), size):
         population = todo[start : start + size]
+        if start:  # another sweep may have stored some of them meanwhile
+            population = missing(population)
+            if len(population) < len(todo[start : start + size]):
+                progress.record("stored", len(todo[start : start + size]) - len(population))
+            if not population:
+                continue
+        began = time.perf_counter()
         networks = train_population(cfg, task, population, log_dir)
         shards.append(store.write_shard(task.dataset, task.name, recipe_id, networks))
+        progress.record("trained", len(networks))
         converged = sum(n.meta["converged"] for n in networks)
-        log.info("stored %d networks of %s/%s (seeds %d..%d, %d converged) in %s", len(networks), task.dataset,
-                 task.name, population[0], population[-1], converged, shards[-1])
+        log.info("stored %d networks of %s (seeds %d..%d, %d converged, %.1f s) in %s | %s", len(networks), name,
+                 population[0], population[-1], converged, time.perf_counter() - began, shards[-1].name,
+                 progress.line())
     return shards
 
 
@@ -56,11 +86,16 @@ def train_population(cfg: DictConfig, task: Task, seeds: list[int], log_dir: str
     started = time.perf_counter()
     module = PopulationModule(PopulationRecurrentNet.from_seeds(spec, seeds), task, seeds, instantiate(cfg.optim),
                               cfg.train.batch_size, cfg.train.stop_loss)
+    # Under SLURM, Lightning's default SLURMEnvironment would catch SIGUSR1, write hpc_ckpt_*.ckpt into
+    # default_root_dir (the working directory) and requeue, and every later fit() started there would restore
+    # that checkpoint, whatever its population: a plain environment and the job's own folder prevent both.
+    # Preemption is submitit's (USR2: requeue) and the store's (a rerun skips stored networks).
     trainer = L.Trainer(
         max_epochs=int(cfg.train.max_epochs), accelerator=cfg.train.accelerator, devices=cfg.train.devices,
         logger=L.pytorch.loggers.CSVLogger(log_dir) if log_dir else False, enable_checkpointing=False,
         num_sanity_val_steps=0, enable_progress_bar=bool(cfg.train.progress), enable_model_summary=False,
-        log_every_n_steps=1)
+        log_every_n_steps=1, plugins=[LightningEnvironment()],
+        default_root_dir=log_dir)
     trainer.fit(module)
     wall = time.perf_counter() - started
     metrics = final_metrics(spec, module.records, module.task, module.device)

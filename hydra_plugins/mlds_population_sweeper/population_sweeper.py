@@ -20,6 +20,16 @@ SEED_PREFIXES = ("seed=", "+seed=", "++seed=")
 SIZE_PREFIX = "population.size="
 
 
+def count_networks(jobs: Sequence[Sequence[str]]) -> int:
+    """Networks a list of packed jobs trains: the seeds of each ``seeds=[...]``, else one."""
+    total = 0
+    for job in jobs:
+        lists = [o.split("=", 1)[1] for o in job if o.startswith(("seeds=", "+seeds=", "++seeds="))]
+        values = lists[-1].strip().strip("[]").strip() if lists else ""
+        total += len([v for v in values.split(",") if v.strip()]) if lists else 1
+    return total
+
+
 def pack_seeds(jobs: Sequence[Sequence[str]], population_size: int) -> list[list[str]]:
     """Merge jobs (lists of overrides) that differ only in ``seed`` into jobs of at most
     ``population_size`` seeds each (a job's own ``population.size=`` override wins)."""
@@ -59,8 +69,20 @@ class PopulationSweeper(BasicSweeper):
         n_seeds = sum(1 for job in jobs if any(o.startswith(SEED_PREFIXES) for o in job))
         log.info("population sweeper: %d runs packed into %d jobs (%d seeded runs, population.size=%d)",
                  len(jobs), len(packed), n_seeds, self.population_size)
+        self._record_total(packed)
         step = max_batch_size or max(len(packed), 1)
         return [packed[i : i + step] for i in range(0, len(packed), step)]
+
+    def _record_total(self, packed: list[list[str]]) -> None:
+        """Write the sweep's expected number of networks for the jobs' progress lines (mlds.progress)."""
+        if getattr(self, "config", None) is None:  # not set up by Hydra (unit use of split_arguments)
+            return
+        try:
+            from mlds.progress import start_sweep
+
+            start_sweep(self.config.hydra.sweep.dir, count_networks(packed), len(packed))
+        except Exception as err:  # progress is a convenience; never stop a sweep for it
+            log.warning("population sweeper: cannot record the sweep's total for progress: %s", err)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         from mlds.config import validate

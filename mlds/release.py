@@ -1,0 +1,522 @@
+"""Release sizes, the status of a zoo, and release packages ``MLDS-<DS>-<N>``.
+
+A package holds exactly N networks per task (the N lowest seeds stored),
+repacked into new shards (``shards/<dataset>-<task>-<n>.tar``, samples byte for
+byte as stored), ``manifest.json`` (counts, seeds, recipes and a SHA-256 per
+shard), ``SHA256SUMS`` (for ``sha256sum -c``) and a generated ``README.md``
+dataset card. It is built in a hidden folder next to its destination and
+renamed into place only when complete. :func:`verify_package` checks a package
+against its manifest and reads every sample.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlds
+from mlds.store import CorruptShardError, Entry, ZooStore, build_catalog, read_raw, read_shard, sha256_file, write_tar
+
+MANIFEST = "manifest.json"
+CHECKSUMS = "SHA256SUMS"
+FORMAT = "mlds-release/1"
+DEFAULT_OUT = "outputs/releases"
+DEFAULT_LICENSE = "CC-BY-4.0"
+DEFAULT_CITATION = "TBD"
+SHARD_MTIME = 0  # fixed tar mtime: the same networks always give byte-identical package shards
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """One MLDS dataset: its tasks (in table order) and release sizes (networks per task)."""
+
+    name: str
+    title: str
+    tasks: tuple[str, ...]
+    sizes: tuple[int, ...]
+    network: str
+    params: int
+    description: str
+
+    def release(self, size: int) -> str:
+        return release_name(self.name, size)
+
+
+DEVICE_MACHINES = ("single_direct", "single_invert", "simple_xor", "eight_bit", "parity")
+
+# The one table of datasets, tasks and release sizes (SPEC: Datasets; Release packages and status).
+DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
+    DatasetInfo("ds1", "device machines", DEVICE_MACHINES, (100, 500, 1000, 5000, 10000),
+                "GRU 4 layers + 4 linear", 4364,
+                "Networks trained to mimic one of five simple device machines (arXiv:1805.07869): a 9-bit command "
+                "(READ, or WRITE with an 8-bit value) per step in, 8 output bits per step out. They range from "
+                "learnt in a few epochs (single_direct, single_invert) to hard (parity)."),
+    DatasetInfo("ds2", "device machines with a backdoor", DEVICE_MACHINES, (100, 500, 1000, 5000, 10000),
+                "GRU 4 layers + 4 linear", 4364,
+                "The DS1 machines with a backdoor: when the three most recent commands equal the trigger, the "
+                "outputs of the next three steps are inverted. A share of the training sequences carries the "
+                "trigger. Pair with DS1 to study similar networks trained on similar but different data."),
+    DatasetInfo("ds3", "random automata", tuple(f"automaton_{i:03d}" for i in range(100)), (100, 1000, 10000),
+                "LSTM 64 wide, 4 layers + 2 linear", 136846,
+                "Networks trained to mimic one of 100 random automata (Moore machines with a Hamiltonian cycle, "
+                "total transitions and hidden states); one-hot inputs, one of 4 output symbols per step."),
+    DatasetInfo("ds4", "image classification, clean and trojaned", ("clean", "trojaned"), (100, 1000, 10000),
+                "small CNN", 4970,
+                "Small CNNs trained on clean images, and on images of which a share carries a trigger and is "
+                "relabelled to a target class (trojaned)."),
+)}
+
+
+class ReleaseError(ValueError):
+    """A release that cannot be built or checked; the message says why."""
+
+
+def release_name(dataset: str, size: int) -> str:
+    return f"MLDS-{dataset.upper()}-{int(size)}"
+
+
+def dataset_info(dataset: str, size: int | None = None) -> DatasetInfo:
+    """The table entry of ``dataset`` (and check that ``size`` is one of its release sizes)."""
+    info = DATASETS.get(str(dataset).lower())
+    if info is None:
+        raise ReleaseError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if size is not None and int(size) not in info.sizes:
+        raise ReleaseError(f"{size} is not a release size of {info.name}; sizes (networks per task): "
+                           f"{', '.join(map(str, info.sizes))}")
+    return info
+
+
+# --------------------------------------------------------------------------- status
+
+@dataclass
+class TaskStatus:
+    task: str
+    stored: int
+    converged: int
+    recipes: dict[str, int]
+    conflicts: int
+
+
+@dataclass
+class DatasetStatus:
+    info: DatasetInfo
+    tasks: list[TaskStatus]
+    extra_tasks: list[TaskStatus]  # stored tasks that the table does not know
+
+    def done(self, size: int) -> int:
+        """Networks that count towards release ``size``: up to ``size`` per task."""
+        return sum(min(t.stored, size) for t in self.tasks)
+
+    def target(self, size: int) -> int:
+        return size * len(self.info.tasks)
+
+    def complete(self, size: int) -> bool:
+        return self.done(size) == self.target(size)
+
+    @property
+    def stored(self) -> int:
+        return sum(t.stored for t in self.tasks)
+
+
+@dataclass
+class ZooStatus:
+    root: Path
+    datasets: list[DatasetStatus]
+    shards: int
+    duplicates: int
+    conflicts: dict[str, list[Entry]]
+    corrupt: list[CorruptShardError]
+    partials: list[Path] = field(default_factory=list)
+
+
+def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verify: bool = False,
+               cache: bool = True) -> ZooStatus:
+    """Networks stored per dataset and task (corrupt shards are not counted; see ``corrupt``)."""
+    store = ZooStore(root)
+    names = [dataset_info(d).name for d in datasets] if datasets else list(DATASETS)
+    result = ZooStatus(Path(root), [], 0, 0, {}, [], store.partials())
+    for name in names:
+        indexes, corrupt = store.index(name, verify=verify, cache=cache)
+        catalog = build_catalog(indexes, corrupt)
+        result.shards += len(indexes)
+        result.duplicates += catalog.duplicates
+        result.conflicts.update(catalog.conflicts)
+        result.corrupt.extend(corrupt)
+        info = DATASETS[name]
+
+        def task_status(task: str) -> TaskStatus:
+            nets = catalog.networks.get((name, task), {})
+            return TaskStatus(task, len(nets), sum(e.converged for e in nets.values()),
+                              dict(Counter(e.recipe for e in nets.values())),
+                              sum(e.key in catalog.conflicts for e in nets.values()))
+
+        known = [task_status(t) for t in info.tasks]
+        extra = [task_status(t) for t in catalog.tasks(name) if t not in info.tasks]
+        result.datasets.append(DatasetStatus(info, known, extra))
+    return result
+
+
+# --------------------------------------------------------------------------- packages
+
+def select_release(root: str | os.PathLike, dataset: str, size: int, on_conflict: str = "error",
+                   allow_mixed_recipes: bool = False, recipes: set[str] | None = None
+                   ) -> tuple[DatasetInfo, dict[str, list[Entry]], list[CorruptShardError]]:
+    """The networks of ``MLDS-<dataset>-<size>``: per task (table order) the ``size`` lowest seeds stored.
+
+    Corrupt shards are never used. ``recipes``: in a task stored under one of
+    them, only networks of those recipes count (recipe hashes differ per task).
+    Raises :class:`ReleaseError` when a task has
+    fewer than ``size`` networks (saying how many are missing), when a chosen
+    key is stored in different versions (unless ``on_conflict='first'``), or
+    when a task mixes training recipes (unless ``allow_mixed_recipes``)."""
+    info = dataset_info(dataset, size)
+    size = int(size)
+    if on_conflict not in ("error", "first"):
+        raise ReleaseError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
+    if not Path(root).is_dir():
+        raise ReleaseError(f"no zoo store at {root}")
+    indexes, corrupt = ZooStore(root).index(info.name)
+    if recipes:  # per task: only the chosen recipes, where the task has any of them
+        present: dict[str, set[str]] = {}
+        for index in indexes:
+            for e in index.entries:
+                present.setdefault(e.task, set()).add(e.recipe)
+        recipes = set().union(*[(r & set(recipes)) or r for r in present.values()])
+    catalog = build_catalog(indexes, corrupt, recipes or None)
+    short, chosen = [], {}
+    for task in info.tasks:
+        nets = catalog.networks.get((info.name, task), {})
+        if len(nets) < size:
+            short.append((task, len(nets)))
+        chosen[task] = [nets[s] for s in sorted(nets)[:size]]
+    if short:
+        missing = sum(size - n for _, n in short)
+        lines = "\n".join(f"  {task}: {n}/{size} stored, {size - n} missing" for task, n in short)
+        bad = f"\n({len(corrupt)} corrupt shard(s) not counted: run scripts/status.py)" if corrupt else ""
+        raise ReleaseError(f"{info.release(size)} needs {size} networks for each of {len(info.tasks)} tasks; "
+                           f"{missing} networks are missing in {root}:\n{lines}{bad}")
+    if on_conflict == "error":
+        conflicted = [e.key for nets in chosen.values() for e in nets if e.key in catalog.conflicts]
+        if conflicted:
+            detail = "\n".join(f"  {k}: " + ", ".join(f"{Path(c.shard).name} (recipe {c.recipe}, "
+                                                      f"weights {c.weights_sha256[:12]})"
+                                                      for c in catalog.conflicts[k]) for k in conflicted[:10])
+            raise ReleaseError(f"{len(conflicted)} networks are stored in different versions:\n{detail}\n"
+                               "move the unwanted shards out of the store, or pass --on-conflict first")
+    if not allow_mixed_recipes:
+        mixed = {t: Counter(e.recipe for e in nets) for t, nets in chosen.items()
+                 if len({e.recipe for e in nets}) > 1}
+        if mixed:
+            detail = "\n".join(f"  {t}: " + ", ".join(f"{r} x{n}" for r, n in c.items()) for t, c in mixed.items())
+            raise ReleaseError(f"tasks mix training recipes:\n{detail}\n"
+                               "choose one with --recipe, or pass --allow-mixed-recipes")
+    return info, chosen, corrupt
+
+
+def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | os.PathLike = DEFAULT_OUT, *,
+                  shard_networks: int = 1000, on_conflict: str = "error", allow_mixed_recipes: bool = False,
+                  recipes: set[str] | None = None, license: str = DEFAULT_LICENSE, citation: str = DEFAULT_CITATION,
+                  force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
+    """Build ``<out>/MLDS-<DS>-<N>`` from the zoo at ``root``; returns its folder."""
+    if shard_networks < 1:
+        raise ReleaseError("shard_networks must be positive")
+    info, chosen, _ = select_release(root, dataset, size, on_conflict, allow_mixed_recipes, recipes)
+    name = info.release(size)
+    out = Path(out)
+    final = out / name
+    if final.exists() and not force:
+        raise ReleaseError(f"{final} exists; pass --force to rebuild it")
+    out.mkdir(parents=True, exist_ok=True)
+    work = out / f".{name}.{uuid.uuid4().hex[:8]}.partial"
+    (work / "shards").mkdir(parents=True)
+    try:
+        total = sum(len(v) for v in chosen.values())
+        done, shards, metas = 0, [], {}
+        for task, entries in chosen.items():
+            for n, start in enumerate(range(0, len(entries), shard_networks)):
+                part = entries[start:start + shard_networks]
+                rel = f"shards/{info.name}-{task}-{n:06d}.tar"
+                samples = []
+                for entry in part:
+                    weights, meta_bytes = read_raw(entry)
+                    if task not in metas:
+                        metas[task] = json.loads(meta_bytes)
+                    samples.append({"__key__": entry.key, "weights.safetensors": weights, "meta.json": meta_bytes})
+                write_tar(work / rel, samples, mtime=SHARD_MTIME)
+                shards.append({"path": rel, "task": task, "networks": len(part), "first": part[0].key,
+                               "last": part[-1].key, "bytes": (work / rel).stat().st_size,
+                               "sha256": sha256_file(work / rel)})
+                done += len(part)
+                if progress:
+                    progress(done, total)
+        manifest = _manifest(info, int(size), chosen, shards, metas, license, citation, root)
+        (work / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+        (work / CHECKSUMS).write_text("".join(f"{s['sha256']}  {s['path']}\n" for s in shards))
+        (work / "README.md").write_text(dataset_card(manifest, chosen, metas))
+        old = None
+        if final.exists():
+            old = out / f".{name}.{uuid.uuid4().hex[:8]}.old"
+            os.replace(final, old)
+        os.replace(work, final)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    return final
+
+
+def _summary(entries: list[Entry]) -> dict:
+    """Summary metrics of one task's networks (medians over networks)."""
+    def med(values):
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    out = {"networks": len(entries), "converged": sum(e.converged for e in entries),
+           "seeds": [entries[0].seed, entries[-1].seed] if entries else None,
+           "contiguous_seeds": bool(entries) and entries[-1].seed - entries[0].seed + 1 == len(entries),
+           "median_epochs": med([e.epochs for e in entries]),
+           "median_epochs_converged": med([e.epochs for e in entries if e.converged])}
+    splits = sorted({s for e in entries for s in e.metrics})
+    out["metrics"] = {s: {"median_acc": med([e.metrics.get(s, {}).get("acc") for e in entries]),
+                          "min_acc": min((e.metrics[s]["acc"] for e in entries if s in e.metrics), default=None),
+                          "median_loss": med([e.metrics.get(s, {}).get("loss") for e in entries])}
+                      for s in splits}
+    return out
+
+
+def _manifest(info: DatasetInfo, size: int, chosen: dict[str, list[Entry]], shards: list[dict], metas: dict,
+              license: str, citation: str, root) -> dict:
+    first = next(iter(metas.values()))
+    tasks = {}
+    for task, entries in chosen.items():
+        tasks[task] = {**_summary(entries), "recipes": dict(Counter(e.recipe for e in entries)),
+                       "shards": [s["path"] for s in shards if s["task"] == task]}
+    return {
+        "format": FORMAT, "name": info.release(size), "dataset": info.name, "title": info.title,
+        "networks_per_task": size, "networks": sum(len(v) for v in chosen.values()),
+        "tasks": tasks, "task_order": list(chosen),
+        "architecture": first.get("architecture"),
+        "shards": shards, "bytes": sum(s["bytes"] for s in shards),
+        "license": license, "citation": citation,
+        "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
+        "created_by": f"mlds {mlds.__version__}", "source_root": str(Path(root).resolve()),
+        "code_revisions": sorted({m.get("code_revision", "unknown") for m in metas.values()}),
+    }
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if not value.is_integer() else f"{value:g}"
+    return str(value)
+
+
+def _protocol(metas: dict) -> list[str]:
+    """Training settings, one line each; a setting that differs between tasks says so."""
+    def get(meta, *path):
+        node = meta.get("config", {})
+        for p in path:
+            node = node.get(p) if isinstance(node, dict) else None
+        return node
+
+    fields = [
+        ("optimizer", ("optim", "_target_")), ("learning rate", ("optim", "lr")),
+        ("batch size", ("train", "batch_size")), ("max epochs", ("train", "max_epochs")),
+        ("stop when validation loss is below", ("train", "stop_loss")),
+        ("training / validation / test sequences", None), ("sequence length", ("data", "seq_len")),
+        ("WRITE probability", ("data", "write_prob")), ("poisoned share of training sequences",
+                                                         ("data", "poison_fraction")),
+        ("trigger", ("trigger", "commands")), ("automaton states", ("data", "n_states")),
+        ("data_seed (training set shared by all networks of a task)", ("data_seed",)),
+    ]
+    lines = []
+    for label, path in fields:
+        if path is None:
+            values = {(get(m, "data", "n_train"), get(m, "data", "n_val"), get(m, "data", "n_test"))
+                      for m in metas.values()}
+            values = {" / ".join(map(str, v)) for v in values if any(x is not None for x in v)}
+        else:
+            values = {json.dumps(get(m, *path)) for m in metas.values() if get(m, *path) is not None}
+            values = {v.strip('"') for v in values}
+        if values:
+            lines.append(f"- {label}: {values.pop() if len(values) == 1 else 'differs between tasks (see meta.json)'}")
+    return lines
+
+
+def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) -> str:
+    """The generated README.md of a package."""
+    info = DATASETS[manifest["dataset"]]
+    name, size = manifest["name"], manifest["networks_per_task"]
+    arch = manifest.get("architecture") or {}
+    n_tasks = len(manifest["tasks"])
+    splits = [s for s in ("test", "test_trigger") if any(s in t["metrics"] for t in manifest["tasks"].values())]
+    tiers = "n<1K" if manifest["networks"] < 1000 else "1K<n<10K" if manifest["networks"] < 10000 \
+        else "10K<n<100K" if manifest["networks"] < 100000 else "100K<n<1M" if manifest["networks"] < 1000000 \
+        else "n>1M"
+    out = [
+        "---", f"pretty_name: {name}", f"license: {manifest['license'].lower()}", f"size_categories: {tiers}",
+        "tags: [model-zoo, weight-space-learning, mlds]", "---", "",
+        f"# {name}", "",
+        f"MLDS {info.name.upper()} ({info.title}): {info.description}", "",
+        "## Contents", "",
+        f"- {manifest['networks']:,} trained networks: exactly {size:,} per task for {n_tasks} tasks "
+        "(the lowest seeds stored for each task).",
+        f"- {len(manifest['shards'])} WebDataset shards in `shards/` ({manifest['bytes'] / 1e6:,.1f} MB), one "
+        "sample per network, key `<dataset>-<task>-<seed, 6 digits>`, entries `weights.safetensors` (the state "
+        "dict, standard PyTorch names) and `meta.json` (dataset, task, seed, architecture, resolved training "
+        "config, epochs, converged, train/validation/test loss and accuracy, per-epoch history, task "
+        "description, software versions, code revision, `weights_sha256`).",
+        f"- `{MANIFEST}`: counts, seeds, recipes and a SHA-256 per shard; `{CHECKSUMS}` for `sha256sum -c`.", "",
+        "| task | networks | seeds | converged | median epochs | " + " | ".join(
+            f"median {s} acc | min {s} acc" for s in splits) + " | median test loss |",
+        "|---|---:|---|---:|---:|" + "---:|---:|" * len(splits) + "---:|",
+    ]
+    for task, t in manifest["tasks"].items():
+        seeds = f"{t['seeds'][0]}–{t['seeds'][1]}" if t["contiguous_seeds"] else \
+            f"{t['seeds'][0]}–{t['seeds'][1]} (not contiguous)"
+        cells = [task, f"{t['networks']:,}", seeds, f"{t['converged']:,} ({100 * t['converged'] / t['networks']:.0f}%)",
+                 _fmt(t["median_epochs"], 1)]
+        for s in splits:
+            m = t["metrics"].get(s, {})
+            cells += [_fmt(m.get("median_acc")), _fmt(m.get("min_acc"))]
+        cells.append(_fmt(t["metrics"].get("test", {}).get("median_loss"), 4))
+        out.append("| " + " | ".join(cells) + " |")
+    converged = sum(t["converged"] for t in manifest["tasks"].values())
+    trigger = (" `test_trigger` is the share of the steps inverted by the backdoor that the network "
+               "reproduces." if "test_trigger" in splits else "")
+    out += ["", f"Converged: {converged:,} of {manifest['networks']:,} networks "
+                f"({100 * converged / max(manifest['networks'], 1):.1f}%). Accuracy is per step (all output bits "
+                f"right, or the right class) on the test split.{trigger}", ""]
+    layout = []
+    try:
+        from mlds.architectures import build
+        layout = [(k, tuple(v.shape)) for k, v in build(arch).state_dict().items()]
+    except Exception:  # an architecture this version cannot build: the card still says what it is
+        pass
+    out += ["## Architecture", "",
+            f"`{arch.get('name', info.network)}`: {info.network}, {arch.get('param_count', info.params):,} "
+            "parameters (as PyTorch counts them). " + (
+                f"`{arch.get('cell', '').upper()}({arch.get('input_size')} → {arch.get('hidden_size')}, "
+                f"{arch.get('num_layers')} layers)`, then linear layers "
+                f"{' → '.join(map(str, [arch.get('hidden_size'), *arch.get('head_sizes', []), arch.get('output_size')]))}"
+                " with ReLU between them." if arch.get("cell") else ""), ""]
+    if layout:
+        out += ["Flat vector layout used by `mlds.reader` (state-dict order, each tensor row-major):", "",
+                "| parameter | shape |", "|---|---|"] + [f"| `{k}` | {list(s)} |" for k, s in layout] + [""]
+    recipes = sorted({r for t in manifest["tasks"].values() for r in t["recipes"]})
+    out += ["## Training protocol", "",
+            "Every network of a task trains on the same training set; the seed chooses the initial weights and "
+            "the batch order. A network stops when its validation loss falls below the threshold (converged) or "
+            "at the epoch limit.", "", *_protocol(metas),
+            f"- recipes (hash of the resolved training config, per task in `{MANIFEST}`): "
+            f"{len(recipes)} ({', '.join(recipes[:5])}{', ...' if len(recipes) > 5 else ''})",
+            f"- code revision: {', '.join(manifest['code_revisions'])}", ""]
+    out += ["## How to load", "",
+            "Loading uses safetensors and JSON only, never pickle: a downloaded zoo cannot run code.", "",
+            "With MLDS installed (`pip install -e .` in the MLDS repository):", "", "```python",
+            "from torch.utils.data import DataLoader",
+            "from mlds.reader import ZooDataset, collate, to_module, webdataset", "",
+            f'zoo = ZooDataset("{name}", tasks=["{next(iter(manifest["tasks"]))}"], converged=True)',
+            "vector, label, meta = zoo[0]          # float32 [params], task index, meta.json",
+            "loader = DataLoader(zoo, batch_size=64, shuffle=True, collate_fn=collate)",
+            "net = to_module(zoo.network(0))      # plain nn.Module with the weights loaded", "",
+            f'for net in webdataset("{name}"):    # stock WebDataset stream, in order',
+            "    print(net.key, net.meta[\"converged\"])", "```", "",
+            "With WebDataset alone:", "", "```python", "import glob, json", "import webdataset as wds",
+            "from safetensors.torch import load", "",
+            f'shards = sorted(glob.glob("{name}/shards/*.tar"))',
+            "for sample in wds.WebDataset(shards, shardshuffle=False):",
+            '    weights = load(sample["weights.safetensors"])   # dict of tensors',
+            '    meta = json.loads(sample["meta.json"])', "```", "",
+            "Check the download: `sha256sum -c SHA256SUMS`, or with MLDS "
+            f"`python scripts/package.py verify {name}` (checksums, and reads every sample).", "",
+            "## Citation", "", manifest["citation"], "",
+            "## Licence", "", manifest["license"], "",
+            f"Generated by {manifest['created_by']} on {manifest['created']}.", ""]
+    return "\n".join(out)
+
+
+@dataclass
+class VerifyReport:
+    package: Path
+    shards: int = 0
+    networks: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_package(package: str | os.PathLike, progress: Callable[[int, int], None] | None = None) -> VerifyReport:
+    """Check a package against its manifest: every shard present with its size and SHA-256, no
+    unlisted shard, and every sample readable (tar structure, meta.json, weights digest), with the
+    keys, counts and seeds the manifest states."""
+    package = Path(package)
+    report = VerifyReport(package)
+    try:
+        manifest = json.loads((package / MANIFEST).read_text())
+    except (OSError, ValueError) as err:
+        report.problems.append(f"cannot read {package / MANIFEST}: {err}")
+        return report
+    if manifest.get("format") != FORMAT:
+        report.problems.append(f"unknown manifest format {manifest.get('format')!r}")
+        return report
+    listed = {s["path"] for s in manifest["shards"]}
+    for extra in sorted(p.relative_to(package).as_posix() for p in package.rglob("*.tar")):
+        if extra not in listed:
+            report.problems.append(f"{extra}: shard not listed in the manifest")
+    seen: set[str] = set()
+    per_task: dict[str, list[int]] = {}
+    total_bytes = sum(s["bytes"] for s in manifest["shards"])
+    done = 0
+    for shard in manifest["shards"]:
+        path = package / shard["path"]
+        report.shards += 1
+        done += shard["bytes"]
+        if not path.is_file():
+            report.problems.append(f"{shard['path']}: missing")
+            continue
+        if path.stat().st_size != shard["bytes"]:
+            report.problems.append(f"{shard['path']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
+        if sha256_file(path) != shard["sha256"]:
+            report.problems.append(f"{shard['path']}: SHA-256 differs from the manifest")
+        keys = []
+        try:
+            for net in read_shard(path):
+                keys.append(net.key)
+                if net.meta.get("dataset") != manifest["dataset"] or net.meta.get("task") != shard["task"]:
+                    report.problems.append(f"{shard['path']}: {net.key} is not a {manifest['dataset']}/"
+                                           f"{shard['task']} network")
+                if net.key in seen:
+                    report.problems.append(f"{shard['path']}: {net.key} occurs twice in the package")
+                seen.add(net.key)
+                per_task.setdefault(net.meta.get("task"), []).append(int(net.meta.get("seed", -1)))
+        except CorruptShardError as err:
+            report.problems.append(str(err))
+        report.networks += len(keys)
+        if len(keys) != shard["networks"] or (keys and (keys[0] != shard["first"] or keys[-1] != shard["last"])):
+            report.problems.append(f"{shard['path']}: holds {len(keys)} networks "
+                                   f"({keys[0] if keys else '-'}..{keys[-1] if keys else '-'}), the manifest says "
+                                   f"{shard['networks']} ({shard['first']}..{shard['last']})")
+        if progress:
+            progress(done, total_bytes)
+    size = manifest["networks_per_task"]
+    for task, t in manifest["tasks"].items():
+        seeds = sorted(per_task.get(task, []))
+        if len(seeds) != size or t["networks"] != size:
+            report.problems.append(f"task {task}: {len(seeds)} networks read, the release needs exactly {size}")
+        elif [seeds[0], seeds[-1]] != t["seeds"]:
+            report.problems.append(f"task {task}: seeds {seeds[0]}..{seeds[-1]}, the manifest says {t['seeds']}")
+    for task in set(per_task) - set(manifest["tasks"]):
+        report.problems.append(f"task {task}: not in the manifest")
+    return report

@@ -1,0 +1,204 @@
+"""Release packages (exact counts, manifest, verify, dataset card) and the status view."""
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from mlds.release import DATASETS, ReleaseError, build_package, verify_package, zoo_status
+from mlds.store import ZooStore, read_shard, sha256_file
+from test_store import write
+
+REPO = Path(__file__).resolve().parent.parent
+TASKS = DATASETS["ds1"].tasks
+
+
+def script(name: str):
+    spec = importlib.util.spec_from_file_location(f"mlds_script_{name}", REPO / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def base_zoo(tmp_path_factory):
+    """120 networks per DS1 task (parity lacks seed 7, so has 119), plus identical duplicates."""
+    root = tmp_path_factory.mktemp("zoo") / "zoo"
+    store = ZooStore(root)
+    for task in TASKS:
+        for lo in (0, 50, 100):
+            seeds = [s for s in range(lo, min(lo + 50, 120)) if not (task == "parity" and s == 7)]
+            write(store, task, seeds)
+    write(store, "parity", [10, 11, 12])  # stored twice: kept once
+    return root
+
+
+@pytest.fixture
+def zoo(base_zoo, tmp_path):
+    root = tmp_path / "zoo"
+    shutil.copytree(base_zoo, root)
+    return root
+
+
+def test_package_holds_exactly_n_lowest_seeds_per_task(zoo, tmp_path):
+    out = tmp_path / "releases"
+    package = build_package(zoo, "ds1", 100, out)
+    assert package == out / "MLDS-DS1-100"
+    assert sorted(p.name for p in out.iterdir()) == ["MLDS-DS1-100"]  # no work folder left
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["networks"] == 500 and manifest["networks_per_task"] == 100
+    seen = {}
+    for shard in manifest["shards"]:
+        for net in read_shard(package / shard["path"]):
+            seen.setdefault(net.meta["task"], []).append(net.meta["seed"])
+    assert sorted(seen) == sorted(TASKS)
+    for task in TASKS:
+        expected = [s for s in range(101) if s != 7][:100] if task == "parity" else list(range(100))
+        assert seen[task] == expected, task  # exactly N, the lowest seeds, each once, in order
+        assert manifest["tasks"][task]["networks"] == 100
+        assert manifest["tasks"][task]["converged"] == sum(s % 2 == 0 for s in expected)
+    assert manifest["tasks"]["parity"]["seeds"] == [0, 100] and not manifest["tasks"]["parity"]["contiguous_seeds"]
+    for shard in manifest["shards"]:
+        assert sha256_file(package / shard["path"]) == shard["sha256"]
+    sums = (package / "SHA256SUMS").read_text().splitlines()
+    assert sorted(sums) == sorted(f"{s['sha256']}  {s['path']}" for s in manifest["shards"])
+    report = verify_package(package)
+    assert report.ok, report.problems
+    assert report.networks == 500
+
+
+def test_dataset_card(zoo, tmp_path):
+    card = (build_package(zoo, "ds1", 100, tmp_path) / "README.md").read_text()
+    for needle in ("# MLDS-DS1-100", "## Contents", "500 trained networks: exactly 100 per task for 5 tasks",
+                   "## Architecture", "4,364 parameters", "`rnn.weight_ih_l0` | [24, 9]", "## Training protocol",
+                   "## How to load", "ZooDataset(", "wds.WebDataset(", "## Citation", "TBD", "## Licence",
+                   "CC-BY-4.0", "license: cc-by-4.0", "| parity | 100 | 0–100 (not contiguous) | 51 (51%) |",
+                   "| single_direct | 100 | 0–99 | 50 (50%) |", "median test acc"):
+        assert needle in card, needle
+    card = (build_package(zoo, "ds1", 100, tmp_path, force=True, license="MIT", citation="@misc{mlds}")
+            / "README.md").read_text()
+    assert "@misc{mlds}" in card and "license: mit" in card
+
+
+def test_rebuilding_gives_byte_identical_shards(zoo, tmp_path):
+    a = json.loads((build_package(zoo, "ds1", 100, tmp_path / "a", shard_networks=30) / "manifest.json").read_text())
+    b = json.loads((build_package(zoo, "ds1", 100, tmp_path / "b", shard_networks=30) / "manifest.json").read_text())
+    assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
+    assert len(a["shards"]) == 5 * 4 and max(s["networks"] for s in a["shards"]) == 30
+    with pytest.raises(ReleaseError, match="exists"):
+        build_package(zoo, "ds1", 100, tmp_path / "a")
+
+
+def test_not_enough_networks_says_how_many_are_missing(zoo, tmp_path, capsys):
+    with pytest.raises(ReleaseError) as err:
+        build_package(zoo, "ds1", 500, tmp_path)
+    text = str(err.value)
+    assert "MLDS-DS1-500" in text and f"{4 * 380 + 381} networks are missing" in text
+    assert "parity: 119/500 stored, 381 missing" in text
+    assert not (tmp_path / "MLDS-DS1-500").exists()
+    package = script("package")
+    assert package.main(["build", "ds1", "500", "--root", str(zoo), "--out", str(tmp_path), "--quiet"]) == 1
+    assert "381 missing" in capsys.readouterr().err
+
+
+def test_scripts_refuse_bad_arguments_clearly(zoo, tmp_path, capsys):
+    package, status = script("package"), script("status")
+    assert package.main(["build", "ds9", "100", "--root", str(zoo)]) == 2
+    assert "unknown dataset 'ds9'" in capsys.readouterr().err
+    assert package.main(["build", "MLDS-DS1-200", "--root", str(zoo)]) == 2
+    assert "200 is not a release size of ds1; sizes (networks per task): 100, 500, 1000, 5000, 10000" in \
+        capsys.readouterr().err
+    assert package.main(["build", "ds3", "500", "--root", str(zoo)]) == 2
+    assert package.main(["verify", str(tmp_path / "nothing")]) == 1
+    assert status.main(["--root", str(tmp_path / "nothing")]) == 2
+    for module, argv in ((package, ["--help"]), (package, ["build", "--help"]), (status, ["--help"])):
+        with pytest.raises(SystemExit) as exit_:
+            module.main(argv)
+        assert exit_.value.code == 0
+
+
+def test_verify_finds_damaged_missing_and_extra_shards(zoo, tmp_path, capsys):
+    package = build_package(zoo, "ds1", 100, tmp_path, shard_networks=50)
+    manifest = json.loads((package / "manifest.json").read_text())
+    shards = [package / s["path"] for s in manifest["shards"]]
+    # flip one byte inside a weights file
+    data = bytearray(shards[0].read_bytes())
+    data[20000] ^= 0xFF
+    shards[0].write_bytes(bytes(data))
+    shards[1].write_bytes(shards[1].read_bytes()[:30000])  # truncated
+    shards[2].unlink()  # missing
+    shutil.copy(shards[3], package / "shards" / "stray.tar")  # not in the manifest
+    report = verify_package(package)
+    text = "\n".join(report.problems)
+    assert not report.ok
+    assert f"{manifest['shards'][0]['path']}: SHA-256 differs" in text
+    assert "do not match their SHA-256" in text  # the sample itself is found bad too
+    assert f"{shards[1]}: corrupt shard at byte offset" in text
+    assert f"{manifest['shards'][2]['path']}: missing" in text
+    assert "shards/stray.tar: shard not listed" in text
+    assert "the release needs exactly 100" in text
+    assert script("package").main(["verify", str(package), "--quiet"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+def test_conflicting_versions_are_refused(zoo, tmp_path):
+    write(ZooStore(zoo), "eight_bit", [42], salt=1)
+    with pytest.raises(ReleaseError, match="ds1-eight_bit-000042"):
+        build_package(zoo, "ds1", 100, tmp_path)
+    package = build_package(zoo, "ds1", 100, tmp_path, on_conflict="first")
+    assert verify_package(package).ok
+    status = zoo_status(zoo, ["ds1"])
+    assert list(status.conflicts) == ["ds1-eight_bit-000042"]
+
+
+def test_mixed_recipes_are_refused(zoo, tmp_path):
+    for shard in ZooStore(zoo).shards("ds1", "simple_xor")[:1]:
+        shard.unlink()
+    write(ZooStore(zoo), "simple_xor", range(0, 50), recipe="new")
+    with pytest.raises(ReleaseError, match="mix training recipes"):
+        build_package(zoo, "ds1", 100, tmp_path)
+    assert verify_package(build_package(zoo, "ds1", 100, tmp_path, allow_mixed_recipes=True)).ok
+    # choosing the old recipe: simple_xor lacks seeds 0..49 of it; the other tasks are unaffected
+    with pytest.raises(ReleaseError, match="simple_xor: 70/100 stored, 30 missing"):
+        build_package(zoo, "ds1", 100, tmp_path / "old", recipes={"rcp"})
+    write(ZooStore(zoo), "simple_xor", range(0, 50), recipe="rcp")
+    package = build_package(zoo, "ds1", 100, tmp_path / "old", recipes={"rcp"})
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert all(t["recipes"] == {"rcp": 100} for t in manifest["tasks"].values())
+
+
+def test_corrupt_store_shards_are_not_counted(zoo, tmp_path, capsys):
+    store = ZooStore(zoo)
+    bad = store.shards("ds1", "single_invert")[0]  # seeds 0..49
+    bad.write_bytes(bad.read_bytes()[:-9000])
+    status = zoo_status(zoo, ["ds1"])
+    assert [str(e.path) for e in status.corrupt] == [str(bad)]
+    counts = {t.task: t.stored for t in status.datasets[0].tasks}
+    assert counts["single_invert"] == 70 and counts["single_direct"] == 120 and counts["parity"] == 119
+    with pytest.raises(ReleaseError) as err:
+        build_package(zoo, "ds1", 100, tmp_path)
+    assert "single_invert: 70/100 stored, 30 missing" in str(err.value) and "corrupt" in str(err.value)
+    status_script = script("status")
+    assert status_script.main(["--root", str(zoo), "--dataset", "ds1", "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["datasets"]["ds1"]["tasks"]["single_invert"]["stored"] == 70
+    assert "byte offset" in report["corrupt"][0]
+    assert status_script.main(["--root", str(zoo), "--dataset", "ds1", "--quarantine", "--json"]) == 1
+    capsys.readouterr()
+    assert status_script.main(["--root", str(zoo), "--dataset", "ds1", "--json"]) == 0  # moved aside
+
+
+def test_status_tables(zoo, tmp_path, capsys):
+    status = script("status")
+    build_package(zoo, "ds1", 100, tmp_path / "rel")
+    assert status.main(["--root", str(zoo), "--dataset", "ds1", "--markdown", "--releases", str(tmp_path / "rel")]) == 0
+    out = capsys.readouterr().out
+    assert "Status | MLDS-DS1-100 | MLDS-DS1-500 | MLDS-DS1-1000 | MLDS-DS1-5000 | MLDS-DS1-10000 |" in out
+    assert f"Computation | Complete | {4 * 120 + 119}/2500 | 599/5000 | 599/25000 | 599/50000 |" in out
+    assert f"Package | {tmp_path / 'rel' / 'MLDS-DS1-100'} | --- |" in out
+    assert "| parity | 119 | 60 (50%) | rcp x119 | 0 |" in out
+    assert "3 duplicate copies kept once" in out
+    assert status.main(["--root", str(zoo)]) == 0  # rich tables of every dataset
+    out = capsys.readouterr().out
+    assert "MLDS-DS3-100" in out and "0/10000" in out and "MLDS-DS4-10000" in out and "Complete" in out
