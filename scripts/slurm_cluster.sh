@@ -172,6 +172,11 @@ SlurmctldHost=$host(127.0.0.1)
 # --- Authentication: munge (default socket /run/munge/munge.socket.2) ---
 AuthType=auth/munge
 CredType=cred/munge
+# Job credentials live 30 s instead of 120.  Slurm holds a requeued job back for
+# this long, so a job that submitit requeues (preemption, time limit; tested in
+# tests/test_launchers.py) restarts after ~30 s, not ~2 min.  Launching on this
+# one local node takes far less.
+AuthInfo=cred_expire=30
 
 # --- Users.  SlurmUser=root is only acceptable because this is a throwaway
 # test cluster; a production cluster runs slurmctld as a dedicated user. ---
