@@ -5,6 +5,12 @@ its own Adam state (Adam is element-wise, so one Adam over the stacked
 parameters is K independent ones) and its own stopping point: after each
 epoch, every network whose validation losses are all below ``stop_loss`` is
 retired with its weights and dropped from the batch, so it no longer changes.
+
+Performance (the numbers are the same as the plain formulas, up to float
+rounding): the training step computes only the loss (no accuracy), BCE from
+fast element-wise operators with a hand-written gradient, and Adam in its
+multi-tensor form; evaluation runs in chunks of 64 sequences on a CPU (256 on a
+GPU). See ``scripts/bench.py`` for the measurement.
 """
 from __future__ import annotations
 
@@ -16,9 +22,11 @@ import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
 from mlds.population import PopulationRecurrentNet
+from mlds.recurrent import clear_buffers
 from mlds.tasks import Split, Task, score
 
 
@@ -44,7 +52,7 @@ class PopulationModule(L.LightningModule):
     """Trains ``PopulationRecurrentNet`` ``net`` (one network per seed) on ``task``."""
 
     def __init__(self, net: PopulationRecurrentNet, task: Task, seeds: list[int], optimizer: partial,
-                 batch_size: int, stop_loss: float, eval_batch: int = 256):
+                 batch_size: int, stop_loss: float, eval_batch: int | None = None):
         super().__init__()
         if net.size != len(seeds):
             raise ValueError(f"population of {net.size} networks for {len(seeds)} seeds")
@@ -55,14 +63,19 @@ class PopulationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.batch_size = int(batch_size)
         self.stop_loss = float(stop_loss)
-        self.eval_batch = int(eval_batch)
+        self.eval_batch = None if eval_batch is None else int(eval_batch)
         self.active = list(range(len(self.seeds)))  # positions in seeds of the networks still training
         self.records = [NetworkRecord(s) for s in self.seeds]
         self.started = time.perf_counter()
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def configure_optimizers(self):
-        return self.optimizer_factory(self.net.parameters())
+        factory = self.optimizer_factory
+        if getattr(factory, "func", None) in (torch.optim.Adam, torch.optim.AdamW) \
+                and "foreach" not in (getattr(factory, "keywords", None) or {}):
+            # the multi-tensor implementation: the same numbers, fewer operator calls
+            return factory(self.net.parameters(), foreach=True)
+        return factory(self.net.parameters())
 
     def setup(self, stage: str) -> None:
         self.task = self.task.to(self.device)
@@ -84,8 +97,8 @@ class PopulationModule(L.LightningModule):
     def training_step(self, step: int, batch_idx: int) -> None:
         idx = self._order[:, step * self.batch_size : (step + 1) * self.batch_size]
         train = self.task.train
-        loss, _ = score(self.net(train.x[idx]), train.y[idx], None if train.mask is None else train.mask[idx],
-                        self.task.loss)
+        loss = training_loss(self.net(train.x[idx]), train.y[idx], None if train.mask is None else train.mask[idx],
+                             self.task.loss)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss.sum())
@@ -121,6 +134,7 @@ class PopulationModule(L.LightningModule):
 
     def on_train_end(self) -> None:
         self.retire(list(range(len(self.active))))
+        clear_buffers()
 
     # ---- population bookkeeping ------------------------------------------------------------
     def retire(self, positions: list[int]) -> None:
@@ -142,15 +156,63 @@ class PopulationModule(L.LightningModule):
         return evaluate(self.net, split, self.task.loss, self.eval_batch)
 
 
+def _bce_terms(logits: Tensor, y: Tensor) -> Tensor:
+    """``binary_cross_entropy_with_logits(logits, y, reduction="none")`` from fast operators:
+    ``max(x, 0) - x * y + log(1 + exp(-|x|))`` with ``log(1 + exp(-|x|)) = -log(sigmoid(|x|))``."""
+    soft = torch.sigmoid(logits.abs()).log_()
+    return torch.addcmul(logits.clamp(min=0), logits, y, value=-1).sub_(soft)
+
+
+class _BCEWithLogitsMean(torch.autograd.Function):
+    """Per-network mean of ``binary_cross_entropy_with_logits(logits, y)`` over all but the
+    first dimension: the loss :func:`mlds.tasks.score` computes, from a few fast
+    element-wise operators (PyTorch's CPU ``log_sigmoid`` is slow) and with the
+    gradient ``(sigmoid(logits) - y) / n`` written directly."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, y)
+        per = _bce_terms(logits, y)
+        return per.reshape(per.shape[0], -1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, y = ctx.saved_tensors
+        n = logits[0].numel()
+        scale = (grad / n).view(-1, *([1] * (logits.dim() - 1)))
+        return torch.sigmoid(logits).sub_(y).mul_(scale), None
+
+
+def training_loss(logits: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
+    """Per-network training loss ``[K]``: the loss of :func:`mlds.tasks.score` without
+    the accuracy, which training does not need."""
+    if loss == "bce" and mask is None and y.shape == logits.shape:
+        return _BCEWithLogitsMean.apply(logits, y)
+    if loss == "ce" and mask is None:
+        per_step = F.cross_entropy(logits.flatten(0, -2), y.expand(logits.shape[:-1]).flatten(), reduction="none")
+        return per_step.view(logits.shape[0], -1).mean(1)
+    return score(logits, y, mask, loss)[0]
+
+
 @torch.no_grad()
-def evaluate(net: PopulationRecurrentNet, split: Split, loss: str, eval_batch: int = 256) -> tuple[Tensor, Tensor]:
-    """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` sequences."""
+def evaluate(net: PopulationRecurrentNet, split: Split, loss: str,
+             eval_batch: int | None = None) -> tuple[Tensor, Tensor]:
+    """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` sequences
+    (default: 256 on a GPU; 64 on a CPU, where smaller chunks stay in cache and run faster)."""
+    if eval_batch is None:
+        eval_batch = 256 if next(net.parameters()).device.type == "cuda" else 64
     total_loss = total_acc = 0.0
     weight_total = 0.0
     for start in range(0, len(split), eval_batch):
         sl = slice(start, start + eval_batch)
         mask = None if split.mask is None else split.mask[sl]
-        l, a = score(net(split.x[sl].unsqueeze(0)), split.y[sl], mask, loss)
+        logits = net(split.x[sl].unsqueeze(0))
+        if loss == "bce" and mask is None:  # score(), with the loss from the fast operators
+            y = split.y[sl].expand(logits.shape)
+            l = _bce_terms(logits, y).mean((1, 2, 3))
+            a = ((logits > 0) == (y > 0.5)).all(-1).float().mean((1, 2))
+        else:
+            l, a = score(logits, split.y[sl], mask, loss)
         w = float(mask.sum()) if mask is not None else float(split.x[sl].shape[0])
         total_loss, total_acc, weight_total = total_loss + l * w, total_acc + a * w, weight_total + w
     return total_loss / max(weight_total, 1.0), total_acc / max(weight_total, 1.0)

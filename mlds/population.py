@@ -11,9 +11,84 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from mlds.architectures import init_state_dict
-from mlds.recurrent import recurrent_stack
+from mlds.recurrent import _give, _reclaim, _take, recurrent_stack_features
+
+
+def _augmented(tag: str, k: int, features: int, n: int, like: Tensor, pooled: bool) -> Tensor:
+    """``[K, features + 1, N]`` activation buffer whose last row is ones (the bias input)."""
+    buf = _take(tag, (k, features + 1, n), like) if pooled else like.new_empty(k, features + 1, n)
+    buf[:, features] = 1.0
+    return buf
+
+
+def _mlp_forward(x: Tensor, mats: list[Tensor], pooled: bool) -> tuple[Tensor, list[Tensor]]:
+    k, _, n = x.shape
+    act = _augmented("head0", k, x.shape[1], n, x, pooled)
+    act[:, :-1] = x
+    acts = [act]
+    for i, m in enumerate(mats[:-1]):
+        nxt = _augmented(f"head{i + 1}", k, m.shape[1], n, x, pooled)
+        torch.bmm(m, act, out=nxt[:, :-1]).relu_()
+        acts.append(act := nxt)
+    return torch.bmm(mats[-1], act), acts
+
+
+class _HeadFunction(torch.autograd.Function):
+    """The MLP head of K networks, feature-major: ``x [K, F0, N] -> [K, O, N]``, linear layers
+    with ReLU between, with a hand-written backward.
+
+    Each layer is one batched matmul on its input with a row of ones appended
+    (so the bias is a column of the weight matrix and its gradient comes out of
+    the weight gradient's matmul); ReLU runs in place and the activation buffers
+    are reused from step to step.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
+        n_linear = len(params) // 2
+        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        out, ctx.acts = _mlp_forward(x, mats, pooled=True)
+        ctx.mats = mats
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        acts, mats = ctx.acts, ctx.mats
+        spent = {f"head{i}": a for i, a in enumerate(acts)}
+        _reclaim(spent, getattr(ctx, "returned", False))
+        grad = grad.contiguous()
+        n_linear = len(mats)
+        d_w, d_b = [None] * n_linear, [None] * n_linear
+        d_x = None
+        for i in range(n_linear - 1, -1, -1):
+            d_m = torch.bmm(grad, acts[i].transpose(1, 2))  # [K, F_out, F_in + 1]: weight | bias
+            d_w[i], d_b[i] = d_m[..., :-1], d_m[..., -1]
+            w_t = mats[i][..., :-1].transpose(1, 2)
+            if i == 0:
+                if ctx.needs_input_grad[0]:
+                    d_x = torch.bmm(w_t, grad)
+                break
+            d_in = _take(f"dhead{i}", (grad.shape[0], w_t.shape[1], grad.shape[2]), grad)
+            torch.bmm(w_t, grad, out=d_in)
+            torch.ops.aten.threshold_backward.grad_input(d_in, acts[i][:, :-1], 0.0, grad_input=d_in)  # ReLU
+            spent[f"dhead{i}"] = grad = d_in
+        _give(spent)
+        ctx.returned = True
+        return (d_x, *d_w, *d_b)
+
+
+def population_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """``x [K, F0, N]`` through K MLPs (``weights[i] [K, F_out, F_in]``, ``biases[i] [K, F_out]``,
+    ReLU between layers) -> ``[K, O, N]``."""
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
+        return _HeadFunction.apply(x, *weights, *biases)
+    with torch.no_grad():
+        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(weights, biases)]
+        return _mlp_forward(x, mats, pooled=False)[0]
 
 
 class PopulationRecurrentNet(nn.Module):
@@ -45,16 +120,13 @@ class PopulationRecurrentNet(nn.Module):
         n_layers = self.spec["num_layers"]
         layers = [tuple(p[f"rnn.{kind}_l{i}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                   for i in range(n_layers)]
-        h = recurrent_stack(self.spec["cell"], x, layers)
-        k, b, t, _ = h.shape
-        out = h.reshape(k, b * t, -1)
+        h = recurrent_stack_features(self.spec["cell"], x, layers)  # [K, H, T, B]
+        k, _, t, b = h.shape
+        # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
         n_linear = len(self.spec["head_sizes"]) + 1
-        for i in range(n_linear):
-            if i:
-                out = torch.relu(out)
-            w, bias = p[f"head.{2 * i}.weight"], p[f"head.{2 * i}.bias"]
-            out = torch.baddbmm(bias.unsqueeze(1), out, w.transpose(1, 2))
-        return out.view(k, b, t, -1)
+        out = population_mlp(h.view(k, h.shape[1], t * b), [p[f"head.{2 * i}.weight"] for i in range(n_linear)],
+                             [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
+        return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]
 
     def network_state_dict(self, k: int) -> dict[str, Tensor]:
         """Network ``k`` as a plain state dict (CPU copies)."""
