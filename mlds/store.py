@@ -435,17 +435,23 @@ def check_weights(path: str, key: str, offset: int, data: bytes, meta: dict) -> 
         raise CorruptShardError(path, offset, f"weights of {key} are not a valid safetensors file ({err})") from err
 
 
+def _checked_samples(path: str, stream) -> Iterator[tuple[str, dict, tuple[int, int], tuple[int, int]]]:
+    """``(key, meta, (weights offset, size), (meta offset, size))`` of each sample of an open
+    shard, in file order, with the tar structure and ``meta.json`` checked."""
+    for key, members in walk_shard(path):
+        _check_sample(path, key, members)
+        meta_offset, meta_size = members[META]
+        meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
+        yield key, meta, members[WEIGHTS], (meta_offset, meta_size)
+
+
 def scan_shard(shard: str | os.PathLike, verify: bool = False) -> ShardIndex:
     """Index of one shard: its tar structure and every ``meta.json`` checked; with ``verify`` every
     weights file too. Raises :class:`CorruptShardError` on the first defect."""
     path = str(shard)
     entries = []
     with open(path, "rb") as stream:
-        for key, members in walk_shard(path):
-            _check_sample(path, key, members)
-            meta_offset, meta_size = members[META]
-            meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
-            w_offset, w_size = members[WEIGHTS]
+        for key, meta, (w_offset, w_size), (meta_offset, meta_size) in _checked_samples(path, stream):
             digest = meta.get("weights_sha256")
             if verify or digest is None:  # shards written before digests existed: compute it
                 data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
@@ -491,11 +497,7 @@ def read_shard(shard: str | os.PathLike, verify: bool = True) -> Iterator[Networ
     """
     path = str(shard)
     with open(path, "rb") as stream:
-        for key, members in walk_shard(path):
-            _check_sample(path, key, members)
-            meta_offset, meta_size = members[META]
-            meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
-            w_offset, w_size = members[WEIGHTS]
+        for key, meta, (w_offset, w_size), _ in _checked_samples(path, stream):
             data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
             weights = check_weights(path, key, w_offset, data, meta) if verify else load_safetensors(data)
             yield Network(key, weights, meta)
