@@ -14,7 +14,6 @@ GPU). See ``scripts/bench.py`` for the measurement.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -27,7 +26,7 @@ from torch.utils.data import DataLoader
 
 from mlds.population import PopulationRecurrentNet
 from mlds.recurrent import clear_buffers
-from mlds.tasks import Split, Task, score
+from mlds.tasks import Split, Task, bce_terms, score
 
 
 def batch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -66,7 +65,6 @@ class PopulationModule(L.LightningModule):
         self.eval_batch = None if eval_batch is None else int(eval_batch)
         self.active = list(range(len(self.seeds)))  # positions in seeds of the networks still training
         self.records = [NetworkRecord(s) for s in self.seeds]
-        self.started = time.perf_counter()
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -156,13 +154,6 @@ class PopulationModule(L.LightningModule):
         return evaluate(self.net, split, self.task.loss, self.eval_batch)
 
 
-def _bce_terms(logits: Tensor, y: Tensor) -> Tensor:
-    """``binary_cross_entropy_with_logits(logits, y, reduction="none")`` from fast operators:
-    ``max(x, 0) - x * y + log(1 + exp(-|x|))`` with ``log(1 + exp(-|x|)) = -log(sigmoid(|x|))``."""
-    soft = torch.sigmoid(logits.abs()).log_()
-    return torch.addcmul(logits.clamp(min=0), logits, y, value=-1).sub_(soft)
-
-
 class _BCEWithLogitsMean(torch.autograd.Function):
     """Per-network mean of ``binary_cross_entropy_with_logits(logits, y)`` over all but the
     first dimension: the loss :func:`mlds.tasks.score` computes, from a few fast
@@ -172,7 +163,7 @@ class _BCEWithLogitsMean(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, y: Tensor) -> Tensor:
         ctx.save_for_backward(logits, y)
-        per = _bce_terms(logits, y)
+        per = bce_terms(logits, y)
         return per.reshape(per.shape[0], -1).mean(1)
 
     @staticmethod
@@ -206,13 +197,7 @@ def evaluate(net: PopulationRecurrentNet, split: Split, loss: str,
     for start in range(0, len(split), eval_batch):
         sl = slice(start, start + eval_batch)
         mask = None if split.mask is None else split.mask[sl]
-        logits = net(split.x[sl].unsqueeze(0))
-        if loss == "bce" and mask is None:  # score(), with the loss from the fast operators
-            y = split.y[sl].expand(logits.shape)
-            l = _bce_terms(logits, y).mean((1, 2, 3))
-            a = ((logits > 0) == (y > 0.5)).all(-1).float().mean((1, 2))
-        else:
-            l, a = score(logits, split.y[sl], mask, loss)
+        l, a = score(net(split.x[sl].unsqueeze(0)), split.y[sl], mask, loss)
         w = float(mask.sum()) if mask is not None else float(split.x[sl].shape[0])
         total_loss, total_acc, weight_total = total_loss + l * w, total_acc + a * w, weight_total + w
     return total_loss / max(weight_total, 1.0), total_acc / max(weight_total, 1.0)

@@ -63,6 +63,12 @@ class Task:
                     {k: v.to(device) for k, v in self.evals.items()}, self.stop_on, self.description)
 
 
+def bce_terms(logits: Tensor, y: Tensor) -> Tensor:
+    """``binary_cross_entropy_with_logits(logits, y, reduction="none")`` from fast operators
+    (PyTorch's CPU ``log_sigmoid`` is slow): ``max(x, 0) - x * y - log(sigmoid(|x|))``."""
+    return torch.addcmul(logits.clamp(min=0), logits, y, value=-1) - torch.sigmoid(logits.abs()).log()
+
+
 def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tuple[Tensor, Tensor]:
     """Per-network mean loss and accuracy ``([K], [K])`` of ``logits [K, N, T, O]``.
 
@@ -71,7 +77,7 @@ def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tu
     """
     y = split_y.expand(logits.shape if loss == "bce" else logits.shape[:-1])
     if loss == "bce":
-        per_step = F.binary_cross_entropy_with_logits(logits, y, reduction="none").mean(-1)
+        per_step = bce_terms(logits, y).mean(-1)
         correct = ((logits > 0) == (y > 0.5)).all(-1)
     elif loss == "ce":
         per_step = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(logits.shape[:-1])

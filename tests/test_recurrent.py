@@ -14,7 +14,8 @@ from mlds import recurrent
 from mlds.architectures import build
 from mlds.engine import training_loss
 from mlds.population import PopulationRecurrentNet, population_mlp
-from mlds.recurrent import recurrent_stack, recurrent_stack_reference
+from mlds.recurrent import recurrent_stack
+from reference_recurrent import recurrent_stack_reference
 from mlds.tasks import score
 
 KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
