@@ -275,19 +275,15 @@ def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | o
 
 def _summary(entries: list[Entry]) -> dict:
     """Summary metrics of one task's networks (medians over networks)."""
-    def med(values):
-        values = [v for v in values if v is not None]
-        return statistics.median(values) if values else None
-
     out = {"networks": len(entries), "converged": sum(e.converged for e in entries),
            "seeds": [entries[0].seed, entries[-1].seed] if entries else None,
            "contiguous_seeds": bool(entries) and entries[-1].seed - entries[0].seed + 1 == len(entries),
-           "median_epochs": med([e.epochs for e in entries]),
-           "median_epochs_converged": med([e.epochs for e in entries if e.converged])}
+           "median_epochs": median([e.epochs for e in entries]),
+           "median_epochs_converged": median([e.epochs for e in entries if e.converged])}
     splits = sorted({s for e in entries for s in e.metrics})
-    out["metrics"] = {s: {"median_acc": med([e.metrics.get(s, {}).get("acc") for e in entries]),
+    out["metrics"] = {s: {"median_acc": median([e.metrics.get(s, {}).get("acc") for e in entries]),
                           "min_acc": min((e.metrics[s]["acc"] for e in entries if s in e.metrics), default=None),
-                          "median_loss": med([e.metrics.get(s, {}).get("loss") for e in entries])}
+                          "median_loss": median([e.metrics.get(s, {}).get("loss") for e in entries])}
                       for s in splits}
     return out
 
@@ -312,7 +308,14 @@ def _manifest(info: DatasetInfo, size: int, chosen: dict[str, list[Entry]], shar
     }
 
 
-def _fmt(value, digits: int = 3) -> str:
+def median(values) -> float | None:
+    """Median of the values that are not None (None when there are none)."""
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def format_number(value, digits: int = 3) -> str:
+    """A table cell: ``–`` for None, floats to ``digits`` places unless whole."""
     if value is None:
         return "–"
     if isinstance(value, float):
@@ -384,11 +387,11 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
         seeds = f"{t['seeds'][0]}–{t['seeds'][1]}" if t["contiguous_seeds"] else \
             f"{t['seeds'][0]}–{t['seeds'][1]} (not contiguous)"
         cells = [task, f"{t['networks']:,}", seeds, f"{t['converged']:,} ({100 * t['converged'] / t['networks']:.0f}%)",
-                 _fmt(t["median_epochs"], 1)]
+                 format_number(t["median_epochs"], 1)]
         for s in splits:
             m = t["metrics"].get(s, {})
-            cells += [_fmt(m.get("median_acc")), _fmt(m.get("min_acc"))]
-        cells.append(_fmt(t["metrics"].get("test", {}).get("median_loss"), 4))
+            cells += [format_number(m.get("median_acc")), format_number(m.get("min_acc"))]
+        cells.append(format_number(t["metrics"].get("test", {}).get("median_loss"), 4))
         out.append("| " + " | ".join(cells) + " |")
     converged = sum(t["converged"] for t in manifest["tasks"].values())
     trigger = (" `test_trigger` is the share of the steps inverted by the backdoor that the network "

@@ -12,22 +12,10 @@ each). A task stored under several recipes gets one row per recipe.
 from __future__ import annotations
 
 import argparse
-import statistics
 from collections import defaultdict
 
+from mlds.release import format_number, median
 from mlds.store import ZooStore, read_shard
-
-
-def _median(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def _fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float) and not value.is_integer():
-        return f"{value:.{digits}f}"
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _settings(meta: dict) -> str:
@@ -73,13 +61,13 @@ def table(dataset: str, groups: dict[tuple[str, str], dict]) -> str:
         total["wall"] += wall or 0.0
         row = [task, *([recipe] if several else []), str(len(metas)),
                f"{len(conv) / len(metas):.0%} ({len(conv)})",
-               _fmt(_median([m["epochs"] for m in conv]), 1), _fmt(_median([m["epochs"] for m in metas]), 1),
-               _fmt(_median(acc))]
+               format_number(median([m["epochs"] for m in conv]), 1), format_number(median([m["epochs"] for m in metas]), 1),
+               format_number(median(acc))]
         if trigger:
-            row.append(_fmt(_median([m["metrics"]["test_trigger"]["acc"] for m in metas
+            row.append(format_number(median([m["metrics"]["test_trigger"]["acc"] for m in metas
                                      if "test_trigger" in m["metrics"]])))
-        row += [_fmt(min(conv_acc) if conv_acc else None),
-                _fmt(wall, 0) + (f" (populations of {','.join(map(str, pop))})" if wall is not None and pop else "")]
+        row += [format_number(min(conv_acc) if conv_acc else None),
+                format_number(wall, 0) + (f" (populations of {','.join(map(str, pop))})" if wall is not None and pop else "")]
         rows.append(row)
     lines = [f"{dataset}: " + "; ".join(sorted(settings)), ""]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
