@@ -7,7 +7,8 @@ import json
 from omegaconf import DictConfig, OmegaConf
 
 # Config nodes that decide what a network becomes (besides its seed).
-RECIPE_KEYS = ("dataset", "machine", "trigger", "automaton", "data", "data_seed", "architecture", "train", "optim")
+RECIPE_KEYS = ("dataset", "machine", "trigger", "automaton", "data", "data_seed", "architecture", "train", "optim",
+               "scheduler")
 # Settings under train that change where or how visibly training runs, not its result.
 RUNTIME_KEYS = ("accelerator", "devices", "threads", "progress")
 
@@ -23,9 +24,10 @@ def job_seeds(cfg: DictConfig) -> list[int]:
 
 
 def recipe(cfg: DictConfig) -> dict:
-    """The resolved settings that, with the seed, determine a network."""
+    """The resolved settings that, with the seed, determine a network (a setting that is
+    null, such as ``scheduler`` when none is chosen, is left out: it means "not used")."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    out = {k: resolved[k] for k in RECIPE_KEYS if k in resolved}
+    out = {k: resolved[k] for k in RECIPE_KEYS if resolved.get(k) is not None}
     out["train"] = {k: v for k, v in out.get("train", {}).items() if k not in RUNTIME_KEYS}
     return out
 
@@ -52,6 +54,9 @@ def validate(cfg: DictConfig) -> None:
         positive(path)
     for path in ("optim.lr", "train.stop_loss"):
         positive(path, float)
+    gamma = OmegaConf.select(cfg, "scheduler.gamma")
+    if gamma is not None and not (isinstance(gamma, (int, float)) and 0.0 < gamma <= 1.0):
+        raise ConfigError(f"scheduler.gamma must be in (0, 1], got {gamma!r}")
     for path in ("data.poison_fraction", "data.write_prob"):
         value = OmegaConf.select(cfg, path)
         if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):

@@ -51,7 +51,7 @@ class PopulationModule(L.LightningModule):
     """Trains ``PopulationRecurrentNet`` ``net`` (one network per seed) on ``task``."""
 
     def __init__(self, net: PopulationRecurrentNet, task: Task, seeds: list[int], optimizer: partial,
-                 batch_size: int, stop_loss: float, eval_batch: int | None = None):
+                 batch_size: int, stop_loss: float, eval_batch: int | None = None, scheduler: partial | None = None):
         super().__init__()
         if net.size != len(seeds):
             raise ValueError(f"population of {net.size} networks for {len(seeds)} seeds")
@@ -60,6 +60,7 @@ class PopulationModule(L.LightningModule):
         self.task = task
         self.seeds = [int(s) for s in seeds]
         self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler  # a torch.optim.lr_scheduler partial, stepped once per epoch
         self.batch_size = int(batch_size)
         self.stop_loss = float(stop_loss)
         self.eval_batch = None if eval_batch is None else int(eval_batch)
@@ -72,8 +73,13 @@ class PopulationModule(L.LightningModule):
         if getattr(factory, "func", None) in (torch.optim.Adam, torch.optim.AdamW) \
                 and "foreach" not in (getattr(factory, "keywords", None) or {}):
             # the multi-tensor implementation: the same numbers, fewer operator calls
-            return factory(self.net.parameters(), foreach=True)
-        return factory(self.net.parameters())
+            optimizer = factory(self.net.parameters(), foreach=True)
+        else:
+            optimizer = factory(self.net.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        # the schedule depends on the epoch only, so every network follows it alone or in a population
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "epoch"}}
 
     def setup(self, stage: str) -> None:
         self.task = self.task.to(self.device)
@@ -129,6 +135,11 @@ class PopulationModule(L.LightningModule):
             self.retire(stopped)
         if not self.active:
             self.trainer.should_stop = True
+
+    def on_train_epoch_end(self) -> None:
+        scheduler = self.lr_schedulers()  # manual optimization: Lightning leaves the stepping to us
+        if scheduler is not None:
+            scheduler.step()
 
     def on_train_end(self) -> None:
         self.retire(list(range(len(self.active))))

@@ -84,8 +84,9 @@ def train_population(cfg: DictConfig, task: Task, seeds: list[int], log_dir: str
     """Train networks ``seeds`` of ``task`` together; returns them with their metadata."""
     spec = OmegaConf.to_container(cfg.architecture, resolve=True)
     started = time.perf_counter()
+    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None
     module = PopulationModule(PopulationRecurrentNet.from_seeds(spec, seeds), task, seeds, instantiate(cfg.optim),
-                              cfg.train.batch_size, cfg.train.stop_loss)
+                              cfg.train.batch_size, cfg.train.stop_loss, scheduler=scheduler)
     # Under SLURM, Lightning's default SLURMEnvironment would catch SIGUSR1, write hpc_ckpt_*.ckpt into
     # default_root_dir (the working directory) and requeue, and every later fit() started there would restore
     # that checkpoint, whatever its population: a plain environment and the job's own folder prevent both.

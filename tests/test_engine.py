@@ -26,11 +26,12 @@ class RecordingModule(PopulationModule):
         self.orders = getattr(self, "orders", {})
         for row, i in zip(self._order, self.active):
             self.orders[(self.seeds[i], self.current_epoch)] = row.clone()
+        self.lrs = getattr(self, "lrs", []) + [self.optimizers().param_groups[0]["lr"]]
 
 
-def fit(task, seeds, max_steps=None, max_epochs=100, stop_loss=1e-9):
+def fit(task, seeds, max_steps=None, max_epochs=100, stop_loss=1e-9, scheduler=None):
     net = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
-    module = RecordingModule(net, task, seeds, partial(torch.optim.Adam, lr=3e-3), 32, stop_loss)
+    module = RecordingModule(net, task, seeds, partial(torch.optim.Adam, lr=3e-3), 32, stop_loss, scheduler=scheduler)
     trainer = L.Trainer(max_steps=max_steps or -1, max_epochs=max_epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0)
@@ -61,6 +62,18 @@ def test_alone_and_in_population_identical_start_batches_and_trajectory(task):
     moved = max((a[n] - start_alone[n]).abs().max().item() for n in a)
     assert moved > 1e-3  # it really trained
     assert max((a[n] - c[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_learning_rate_schedule_steps_per_epoch_alone_and_in_population(task):
+    schedule = partial(torch.optim.lr_scheduler.ExponentialLR, gamma=0.5)
+    alone = fit(task, [7], max_epochs=3, scheduler=schedule)
+    crowd = fit(task, [3, 7], max_epochs=3, scheduler=schedule)
+    assert alone.lrs == pytest.approx([3e-3, 1.5e-3, 7.5e-4]) and crowd.lrs == alone.lrs
+    plain = fit(task, [7], max_epochs=3)
+    assert plain.lrs == pytest.approx([3e-3] * 3)
+    a, c, p = alone.records[0].state_dict, crowd.records[1].state_dict, plain.records[0].state_dict
+    assert max((a[n] - c[n]).abs().max().item() for n in a) < 1e-5
+    assert max((a[n] - p[n]).abs().max().item() for n in a) > 1e-4  # the schedule changed the trajectory
 
 
 def test_dropping_networks_does_not_change_the_others(task):

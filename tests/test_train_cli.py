@@ -85,6 +85,7 @@ def test_same_command_twice_gives_identical_weights(tmp_path, train_cli):
     ("population.size=0", "population.size"),
     ("data.poison_fraction=1.5", "poison_fraction"),
     ("trigger.commands=[W 0xA5,R]", "three commands"),
+    ("scheduler=cosine", "scheduler"),
 ])
 def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, train_cli, override, message):
     root = tmp_path / "zoo"
