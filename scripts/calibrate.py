@@ -8,6 +8,15 @@ of all), median test accuracy (ds2: also the median trigger accuracy), the lowes
 test accuracy of a converged network (does the stop threshold imply a correct
 network?) and the population wall time summed over the shards (one population
 each). A task stored under several recipes gets one row per recipe.
+
+    python scripts/calibrate.py --root outputs/calib/ds3 --dataset ds3 --stop-loss 0.04 --max-epochs 60
+
+replays the stop rule on the recorded per-epoch validation losses: the table the
+same runs would give with a looser ``stop_loss`` or fewer ``max_epochs``. This is
+exact, because a network's trajectory up to its stop does not depend on the rule
+(nor on the other networks of its population); the accuracies are then the
+validation accuracies at the replayed stop, since the test split is scored once,
+at the end.
 """
 from __future__ import annotations
 
@@ -21,7 +30,9 @@ from mlds.store import ZooStore, read_shard
 def _settings(meta: dict) -> str:
     cfg = meta.get("config", {})
     optim, train, data = cfg.get("optim", {}), cfg.get("train", {}), cfg.get("data", {})
-    return (f"lr={optim.get('lr')}, stop_loss={meta.get('stop_loss', train.get('stop_loss'))}, "
+    schedule = cfg.get("scheduler") or {}
+    decay = f" x {schedule['gamma']}/epoch" if "gamma" in schedule else ""
+    return (f"lr={optim.get('lr')}{decay}, stop_loss={meta.get('stop_loss', train.get('stop_loss'))}, "
             f"max_epochs={train.get('max_epochs')}, batch={train.get('batch_size')}, n_train={data.get('n_train')}")
 
 
@@ -38,13 +49,43 @@ def collect(root: str, dataset: str) -> dict[tuple[str, str], dict]:
     return dict(sorted(groups.items()))
 
 
-def table(dataset: str, groups: dict[tuple[str, str], dict]) -> str:
+class ReplayError(ValueError):
+    """A replayed stop rule that the recorded histories cannot answer."""
+
+
+def replay(meta: dict, stop_loss: float | None, max_epochs: int | None) -> dict:
+    """``meta`` as it would read had the network stopped at the first epoch whose validation
+    losses were all below ``stop_loss`` (or at ``max_epochs``); accuracies are those recorded
+    on the validation splits at that epoch (``metrics.test`` then holds ``val``'s)."""
+    recorded_stop = float(meta.get("stop_loss", meta["config"]["train"]["stop_loss"]))
+    recorded_max = int(meta["config"]["train"]["max_epochs"])
+    stop_loss = recorded_stop if stop_loss is None else stop_loss
+    max_epochs = recorded_max if max_epochs is None else max_epochs
+    if stop_loss < recorded_stop:
+        raise ReplayError(f"{meta['task']} seed {meta['seed']} trained with stop_loss {recorded_stop}: "
+                          f"a stricter {stop_loss} cannot be replayed")
+    if max_epochs > recorded_max:
+        raise ReplayError(f"{meta['task']} seed {meta['seed']} trained for at most {recorded_max} epochs: "
+                          f"{max_epochs} cannot be replayed")
+    history = meta["history"]
+    splits = [k[: -len("_loss")] for k in history if k.endswith("_loss") and k != "train_loss"]
+    ran = min(max_epochs, len(history["train_loss"]))
+    stop = next((e for e in range(ran) if all(history[f"{s}_loss"][e] < stop_loss for s in splits)), None)
+    last = ran - 1 if stop is None else stop
+    metrics = {"test": {"acc": history["val_acc"][last]}}
+    if "val_trigger_acc" in history:
+        metrics["test_trigger"] = {"acc": history["val_trigger_acc"][last]}
+    return {**meta, "epochs": last + 1, "converged": stop is not None, "stop_loss": stop_loss,
+            "metrics": metrics, "config": {**meta["config"], "train": {**meta["config"]["train"], "max_epochs": max_epochs}}}
+
+
+def table(dataset: str, groups: dict[tuple[str, str], dict], acc_label: str = "test acc") -> str:
     trigger = dataset == "ds2"
     tasks = [task for task, _ in groups]
     several = len(tasks) > len(set(tasks))  # some task stored under more than one recipe
     head = ["task", *(["recipe"] if several else []), "networks", "converged", "median epochs (converged)",
-            "median epochs (all)", "median test acc", *(["median trigger acc"] if trigger else []),
-            "min test acc (converged)", "wall time (s)"]
+            "median epochs (all)", f"median {acc_label}", *(["median trigger acc"] if trigger else []),
+            f"min {acc_label} (converged)", "wall time (s)"]
     rows = [head, ["---"] * len(head)]
     settings = set()
     total = defaultdict(float)
@@ -81,12 +122,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="zoo root (zoo.root of the runs)")
     parser.add_argument("--dataset", required=True, help="ds1 | ds2 | ds3 | ...")
+    parser.add_argument("--stop-loss", type=float, help="replay a looser stop threshold on the recorded histories")
+    parser.add_argument("--max-epochs", type=int, help="replay a smaller epoch limit on the recorded histories")
     args = parser.parse_args(argv)
     groups = collect(args.root, args.dataset)
     if not groups:
         print(f"no stored networks of {args.dataset} under {args.root}")
         return 1
-    print(table(args.dataset, groups))
+    if args.stop_loss is None and args.max_epochs is None:
+        print(table(args.dataset, groups))
+        return 0
+    try:
+        for group in groups.values():
+            group["metas"] = {key: replay(meta, args.stop_loss, args.max_epochs) for key, meta in group["metas"].items()}
+    except ReplayError as err:
+        print(f"error: {err}")
+        return 2
+    print(table(args.dataset, groups, acc_label="val acc at stop"))
     return 0
 
 
