@@ -47,16 +47,19 @@ def test_config_defaults():
     cfg = ds3_config()
     assert cfg.dataset.name == "ds3" and cfg.automaton == 0
     assert (cfg.data.n_states, cfg.data.n_inputs, cfg.data.n_outputs) == (16, 9, 4)
-    assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.seq_len) == (8192, 256, 256, 32)
-    assert cfg.train.batch_size == 32 and cfg.train.max_epochs == 1000
+    assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.seq_len) == (32768, 256, 256, 32)
+    assert cfg.train.batch_size == 32 and cfg.train.max_epochs == 30
     assert cfg.optim._target_ == "torch.optim.Adam"
-    # calibrated DS3 defaults (README, DS3 calibration) win over conf/train and conf/optim
-    assert cfg.optim.lr == pytest.approx(0.003) and cfg.train.stop_loss == pytest.approx(0.005)
+    # calibrated DS3 defaults (README, DS3 calibration) win over conf/train, conf/optim and conf/scheduler
+    assert cfg.optim.lr == pytest.approx(0.01) and cfg.train.stop_loss == pytest.approx(0.005)
+    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.ExponentialLR" and cfg.scheduler.gamma == 0.85
+    assert cfg.optim.lr * cfg.scheduler.gamma ** cfg.train.max_epochs < 1e-4  # training has settled by the limit
     # a wrong step costs >= ln 2, so converged (mean val CE < stop_loss) means val accuracy >= 99%
     assert 1 - cfg.train.stop_loss / np.log(2) >= 0.99
     # and the command line still wins over the dataset's defaults
-    cfg = ds3_config("optim.lr=0.01", "train.stop_loss=0.05", "train.max_epochs=7")
-    assert (cfg.optim.lr, cfg.train.stop_loss, cfg.train.max_epochs) == (0.01, 0.05, 7)
+    cfg = ds3_config("optim.lr=0.003", "train.stop_loss=0.05", "train.max_epochs=7", "~scheduler")
+    assert (cfg.optim.lr, cfg.train.stop_loss, cfg.train.max_epochs) == (0.003, 0.05, 7)
+    assert "scheduler" not in cfg
 
 
 def test_task_from_config():
