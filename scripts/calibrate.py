@@ -122,12 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, help="zoo root (zoo.root of the runs)")
     parser.add_argument("--dataset", required=True, help="ds1 | ds2 | ds3 | ...")
+    parser.add_argument("--recipe", action="append", help="only networks of this recipe hash (repeatable)")
     parser.add_argument("--stop-loss", type=float, help="replay a looser stop threshold on the recorded histories")
     parser.add_argument("--max-epochs", type=int, help="replay a smaller epoch limit on the recorded histories")
     args = parser.parse_args(argv)
     groups = collect(args.root, args.dataset)
+    if args.recipe:
+        groups = {(task, recipe): group for (task, recipe), group in groups.items() if recipe in args.recipe}
     if not groups:
-        print(f"no stored networks of {args.dataset} under {args.root}")
+        print(f"no stored networks of {args.dataset} under {args.root}"
+              + (f" with recipe {', '.join(args.recipe)}" if args.recipe else ""))
         return 1
     if args.stop_loss is None and args.max_epochs is None:
         print(table(args.dataset, groups))

@@ -286,3 +286,9 @@ def test_calibrate_table(tiny_zoo):
     empty = subprocess.run([sys.executable, str(REPO / "scripts" / "calibrate.py"), "--root", str(tiny_zoo),
                             "--dataset", "ds1"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert empty.returncode == 1 and "no stored networks" in empty.stdout
+    other = subprocess.run([sys.executable, str(REPO / "scripts" / "calibrate.py"), "--root", str(tiny_zoo),
+                            "--dataset", "ds3", "--recipe", "0000000000"], cwd=REPO, capture_output=True, text=True)
+    assert other.returncode == 1 and "with recipe 0000000000" in other.stdout
+    looser = subprocess.run([sys.executable, str(REPO / "scripts" / "calibrate.py"), "--root", str(tiny_zoo),
+                             "--dataset", "ds3", "--stop-loss", "100"], cwd=REPO, capture_output=True, text=True)
+    assert looser.returncode == 0 and "| automaton_003 | 2 | 100% (2) | 1 |" in looser.stdout
