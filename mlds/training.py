@@ -5,6 +5,7 @@ import logging
 import platform
 import subprocess
 import time
+import warnings
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,6 +25,9 @@ from mlds.store import Network, ZooStore, sample_key
 from mlds.tasks import Task
 
 log = logging.getLogger(__name__)
+# Jobs use a plain LightningEnvironment on purpose (see train_population), so Lightning's hint to
+# launch through srun on hosts with SLURM installed is noise.
+warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
 
 
 def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
