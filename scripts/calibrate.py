@@ -14,9 +14,8 @@ each). A task stored under several recipes gets one row per recipe.
 replays the stop rule on the recorded per-epoch validation losses: the table the
 same runs would give with a looser ``stop_loss`` or fewer ``max_epochs``. This is
 exact, because a network's trajectory up to its stop does not depend on the rule
-(nor on the other networks of its population); the accuracies are then the
-validation accuracies at the replayed stop, since the test split is scored once,
-at the end.
+(nor on the other networks of its population); the table then shows validation
+accuracies at the replayed stop, since the test split is scored once, at the end.
 """
 from __future__ import annotations
 
@@ -55,8 +54,8 @@ class ReplayError(ValueError):
 
 def replay(meta: dict, stop_loss: float | None, max_epochs: int | None) -> dict:
     """``meta`` as it would read had the network stopped at the first epoch whose validation
-    losses were all below ``stop_loss`` (or at ``max_epochs``); accuracies are those recorded
-    on the validation splits at that epoch (``metrics.test`` then holds ``val``'s)."""
+    losses were all below ``stop_loss`` (or at ``max_epochs``); its ``metrics`` are then the
+    validation accuracies recorded at that epoch."""
     recorded_stop = float(meta.get("stop_loss", meta["config"]["train"]["stop_loss"]))
     recorded_max = int(meta["config"]["train"]["max_epochs"])
     stop_loss = recorded_stop if stop_loss is None else stop_loss
@@ -72,20 +71,19 @@ def replay(meta: dict, stop_loss: float | None, max_epochs: int | None) -> dict:
     ran = min(max_epochs, len(history["train_loss"]))
     stop = next((e for e in range(ran) if all(history[f"{s}_loss"][e] < stop_loss for s in splits)), None)
     last = ran - 1 if stop is None else stop
-    metrics = {"test": {"acc": history["val_acc"][last]}}
-    if "val_trigger_acc" in history:
-        metrics["test_trigger"] = {"acc": history["val_trigger_acc"][last]}
+    metrics = {split: {"acc": history[f"{split}_acc"][last]} for split in splits}
     return {**meta, "epochs": last + 1, "converged": stop is not None, "stop_loss": stop_loss,
             "metrics": metrics, "config": {**meta["config"], "train": {**meta["config"]["train"], "max_epochs": max_epochs}}}
 
 
-def table(dataset: str, groups: dict[tuple[str, str], dict], acc_label: str = "test acc") -> str:
+def table(dataset: str, groups: dict[tuple[str, str], dict], split: str = "test") -> str:
+    """The markdown table; accuracies are those of ``split`` (and ``<split>_trigger`` for ds2)."""
     trigger = dataset == "ds2"
     tasks = [task for task, _ in groups]
     several = len(tasks) > len(set(tasks))  # some task stored under more than one recipe
     head = ["task", *(["recipe"] if several else []), "networks", "converged", "median epochs (converged)",
-            "median epochs (all)", f"median {acc_label}", *(["median trigger acc"] if trigger else []),
-            f"min {acc_label} (converged)", "wall time (s)"]
+            "median epochs (all)", f"median {split} acc", *(["median trigger acc"] if trigger else []),
+            f"min {split} acc (converged)", "wall time (s)"]
     rows = [head, ["---"] * len(head)]
     settings = set()
     total = defaultdict(float)
@@ -93,8 +91,8 @@ def table(dataset: str, groups: dict[tuple[str, str], dict], acc_label: str = "t
         metas = list(group["metas"].values())
         settings.add(_settings(metas[0]))
         conv = [m for m in metas if m["converged"]]
-        acc = [m["metrics"]["test"]["acc"] for m in metas]
-        conv_acc = [m["metrics"]["test"]["acc"] for m in conv]
+        acc = [m["metrics"][split]["acc"] for m in metas]
+        conv_acc = [m["metrics"][split]["acc"] for m in conv]
         wall = sum(group["walls"].values()) if group["walls"] else None
         pop = sorted({m.get("population_size") for m in metas if m.get("population_size")})
         total["networks"] += len(metas)
@@ -105,8 +103,8 @@ def table(dataset: str, groups: dict[tuple[str, str], dict], acc_label: str = "t
                format_number(median([m["epochs"] for m in conv]), 1), format_number(median([m["epochs"] for m in metas]), 1),
                format_number(median(acc))]
         if trigger:
-            row.append(format_number(median([m["metrics"]["test_trigger"]["acc"] for m in metas
-                                     if "test_trigger" in m["metrics"]])))
+            row.append(format_number(median([m["metrics"][f"{split}_trigger"]["acc"] for m in metas
+                                     if f"{split}_trigger" in m["metrics"]])))
         row += [format_number(min(conv_acc) if conv_acc else None),
                 format_number(wall, 0) + (f" (populations of {','.join(map(str, pop))})" if wall is not None and pop else "")]
         rows.append(row)
@@ -142,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except ReplayError as err:
         print(f"error: {err}")
         return 2
-    print(table(args.dataset, groups, acc_label="val acc at stop"))
+    print(table(args.dataset, groups, split="val"))
     return 0
 
 

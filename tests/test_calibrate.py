@@ -22,10 +22,10 @@ HISTORY = {"train_loss": [0.9, 0.1, 0.05, 0.01], "val_loss": [0.5, 0.03, 0.01, 0
 
 def test_replay_stops_at_the_first_epoch_below_the_looser_threshold():
     replayed = calibrate.replay(meta(HISTORY), 0.04, None)
-    assert replayed["converged"] and replayed["epochs"] == 2 and replayed["metrics"]["test"]["acc"] == 0.97
+    assert replayed["converged"] and replayed["epochs"] == 2 and replayed["metrics"]["val"]["acc"] == 0.97
     assert calibrate.replay(meta(HISTORY), 0.015, None)["epochs"] == 3
     never = calibrate.replay(meta(HISTORY), 0.005, None)
-    assert not never["converged"] and never["epochs"] == 4 and never["metrics"]["test"]["acc"] == 0.98
+    assert not never["converged"] and never["epochs"] == 4 and never["metrics"]["val"]["acc"] == 0.98
     cut = calibrate.replay(meta(HISTORY), 0.015, 2)
     assert not cut["converged"] and cut["epochs"] == 2 and cut["config"]["train"]["max_epochs"] == 2
 
@@ -33,7 +33,7 @@ def test_replay_stops_at_the_first_epoch_below_the_looser_threshold():
 def test_replay_needs_every_stop_split_below_the_threshold():
     history = {**HISTORY, "val_trigger_loss": [0.5, 0.2, 0.03, 0.01], "val_trigger_acc": [0.5, 0.8, 0.96, 0.99]}
     replayed = calibrate.replay(meta(history), 0.04, None)
-    assert replayed["epochs"] == 3 and replayed["metrics"]["test_trigger"]["acc"] == 0.96
+    assert replayed["epochs"] == 3 and replayed["metrics"]["val_trigger"]["acc"] == 0.96
 
 
 @pytest.mark.parametrize("stop_loss, max_epochs, message", [(0.001, None, "stricter"), (None, 5, "at most 4")])
