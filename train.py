@@ -7,7 +7,7 @@ from omegaconf import DictConfig
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> None:
-    from mlds.training import train_job
+    from mlds.train.job import train_job
 
     train_job(cfg, log_dir=HydraConfig.get().runtime.output_dir)
 

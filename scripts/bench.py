@@ -10,11 +10,11 @@ data, architecture, Adam, batch size; validation after every epoch) for a
 fixed number of optimizer steps per network; nothing stops early.
 
 (A) The baseline: one network per process, the idiomatic way — a
-    LightningModule around :class:`mlds.architectures.RecurrentNet`
+    LightningModule around :class:`mlds.nets.reference.RecurrentNet`
     (``nn.GRU``/``nn.LSTM``), a shuffling ``DataLoader`` and its own
     ``L.Trainer(max_steps=N)`` per network; as many worker processes as cores,
     one thread each.
-(B) The population engine (:class:`mlds.engine.PopulationModule`, the code a
+(B) The population engine (:class:`mlds.train.engine.PopulationModule`, the code a
     training job runs) with an ``L.Trainer(max_steps=N)``: each candidate
     population size K is run as P processes x T threads (``--layouts``); the
     best (K, layout) is then measured with N steps per network.
@@ -62,14 +62,15 @@ _W: dict = {}  # per worker process: config, task, barrier
 
 # ---- configuration: the project's own Hydra defaults -----------------------------------------
 def compose(dataset: str) -> dict:
-    """The resolved default training config of ``dataset`` (as ``train.py`` would see it)."""
+    """The recipe of ``dataset``'s default training config (as ``train.py`` would see it)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
-    from omegaconf import OmegaConf
+
+    from mlds.train.recipe import recipe
 
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = hydra_compose(config_name="train", overrides=TASK_OVERRIDES[dataset])
-    return OmegaConf.to_container(cfg, resolve=True)
+    return recipe(cfg)
 
 
 def quiet() -> None:
@@ -87,11 +88,12 @@ def _init_worker(cfg: dict, threads: int, barrier, device: str) -> None:
     """Worker start-up (timed separately): threads, imports, the task's data."""
     began = time.perf_counter()
     import torch
-    from hydra.utils import instantiate
+
+    from mlds.datasets import build_task
 
     quiet()
     torch.set_num_threads(threads)
-    _W.update(cfg=cfg, barrier=barrier, device=device, task=instantiate(cfg["dataset"]["task"]))
+    _W.update(cfg=cfg, barrier=barrier, device=device, task=build_task(cfg))
     _W["startup_s"] = time.perf_counter() - began
 
 
@@ -135,7 +137,7 @@ def _plain_module_class():
     import torch
     from torch.nn import functional as F
 
-    from mlds.architectures import build
+    from mlds.nets.registry import build
 
     class PlainModule(L.LightningModule):
         """One ``RecurrentNet`` (``nn.GRU``/``nn.LSTM`` + MLP head), Adam, BCE or CE."""
@@ -188,15 +190,12 @@ def baseline_job(seed: int, steps: int) -> dict:
 def population_job(seeds: list[int], steps: int) -> dict:
     import torch
 
-    from mlds.engine import PopulationModule
-    from mlds.population import PopulationRecurrentNet
+    from mlds.train.job import population_module
 
     began = time.perf_counter()
     cfg, task, device = _W["cfg"], _W["task"], _W["device"]
-    spec = cfg["architecture"]
-    module = PopulationModule(PopulationRecurrentNet.from_seeds(spec, seeds), task, seeds,
-                              partial(torch.optim.Adam, lr=cfg["optim"]["lr"]), cfg["train"]["batch_size"],
-                              stop_loss=0.0)  # nothing converges: every network runs all its steps
+    # stop_loss 0: nothing converges, every network runs all its steps
+    module = population_module({**cfg, "train": {**cfg["train"], "stop_loss": 0.0}}, task, seeds)
     timer = _timer()
     trainer = _trainer(steps, timer, "gpu" if device == "cuda" else "cpu")
     if device == "cuda":
@@ -303,7 +302,7 @@ def main(argv=None) -> None:
 
     cfg = compose(args.dataset)
     arch = cfg["architecture"]
-    say(f"MLDS bench: {args.dataset} ({cfg['dataset']['task']['_target_'].rsplit('.', 1)[-1]}, "
+    say(f"MLDS bench: {args.dataset} ({', '.join(f'{k} {v}' for k, v in cfg['task'].items())}, "
           f"{arch['name']}), {steps} optimizer steps per network, batch {cfg['train']['batch_size']}, "
           f"Adam lr {cfg['optim']['lr']}, validation every epoch")
     say(f"machine: {platform.processor() or platform.machine()}, {cores} cores, torch {torch.__version__}, "

@@ -22,8 +22,8 @@ from __future__ import annotations
 import argparse
 from collections import defaultdict
 
-from mlds.release import format_number, median
-from mlds.store import ZooStore, read_shard
+from mlds.zoo.release import format_number, median
+from mlds.zoo.store import ZooStore, read_shard
 
 
 def _settings(meta: dict) -> str:

@@ -23,8 +23,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from mlds.release import (DATASETS, DEFAULT_CITATION, DEFAULT_LICENSE, DEFAULT_OUT, ReleaseError, build_package,
-                          dataset_info, verify_package)
+from mlds.datasets import DATASETS, UnknownDatasetError, dataset_info
+from mlds.zoo.release import DEFAULT_CITATION, DEFAULT_LICENSE, DEFAULT_OUT, ReleaseError, build_package, verify_package
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,7 +81,7 @@ def build(args, console: Console) -> int:
     try:
         dataset, size = parse_release(args.release)
         info = dataset_info(dataset, size)
-    except ReleaseError as err:
+    except (ReleaseError, UnknownDatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     started = time.perf_counter()

@@ -20,9 +20,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from mlds.progress import SweepProgress, format_seconds
-from mlds.release import DATASETS, DEFAULT_OUT, MANIFEST, ReleaseError, ZooStatus, zoo_status
-from mlds.store import ZooStore
+from mlds.train.progress import SweepProgress, format_seconds
+from mlds.datasets import DATASETS, UnknownDatasetError
+from mlds.zoo.release import DEFAULT_OUT, MANIFEST, ReleaseError, ZooStatus, zoo_status
+from mlds.zoo.store import ZooStore
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -181,7 +182,7 @@ def main(argv=None) -> int:
             print(f"removed {p}")
     try:
         status = zoo_status(root, args.dataset, verify=args.verify, cache=not args.no_cache)
-    except ReleaseError as err:
+    except (ReleaseError, UnknownDatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if args.quarantine:

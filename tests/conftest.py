@@ -7,8 +7,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.max_epochs=2", "train.progress=false"]
-GRU_SPEC = dict(cell="gru", input_size=9, hidden_size=8, num_layers=4, head_sizes=[36, 30, 30], output_size=8)
-LSTM_SPEC = dict(cell="lstm", input_size=9, hidden_size=64, num_layers=4, head_sizes=[258], output_size=4)
+GRU_SPEC = dict(kind="recurrent", name="gru4x8-mlp36-30-30", cell="gru", input_size=9, hidden_size=8, num_layers=4, head_sizes=[36, 30, 30], output_size=8)
+LSTM_SPEC = dict(kind="recurrent", name="lstm4x64-mlp258", cell="lstm", input_size=9, hidden_size=64, num_layers=4, head_sizes=[258], output_size=4)
 
 
 def run_train(*overrides, check=True, timeout=300):

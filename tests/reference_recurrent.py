@@ -1,9 +1,9 @@
-"""Reference for the tests: the wavefront of :mod:`mlds.recurrent` with plain autograd
+"""Reference for the tests: the wavefront of :mod:`mlds.nets.recurrent` with plain autograd
 through every time step (slower; supports higher-order gradients)."""
 import torch
 from torch import Tensor
 
-from mlds.recurrent import Layer, _check, _span
+from mlds.nets.recurrent import Layer, _check, _span
 
 
 def input_projection(x: Tensor, w_ih: Tensor, b_ih: Tensor) -> Tensor:

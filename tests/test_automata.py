@@ -1,4 +1,4 @@
-"""Property tests for mlds.automata (DS3 random automata)."""
+"""Property tests for mlds.tasks.automata (DS3 random automata)."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from mlds.automata import Automaton, generate_automaton, sample_sequences
+from mlds.tasks.automata import Automaton, generate_automaton, sample_sequences
 
 IDS = range(0, 300)
 SIZES = [(5, 9, 4), (16, 9, 4), (32, 9, 4), (3, 2, 2), (16, 2, 15)]

@@ -4,7 +4,12 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from mlds.config import ConfigError, recipe, recipe_hash, validate
+from mlds.train.checks import ConfigError, validate
+from mlds.train.recipe import recipe, recipe_hash as _hash
+
+
+def recipe_hash(cfg):
+    return _hash(recipe(cfg))
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 

@@ -15,18 +15,19 @@ import torch
 import webdataset as wds
 from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from safetensors.torch import load as load_safetensors
 from torch.nn import functional as F
 
-from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-from hydra_plugins.mlds_population_sweeper.population_sweeper import pack_seeds
-from mlds.architectures import RecurrentNet, build, init_state_dict, param_count
-from mlds.automata import Automaton, generate_automaton
-from mlds.engine import PopulationModule
-from mlds.population import PopulationRecurrentNet
-from mlds.tasks import automaton_name, automaton_task
+from hydra_plugins.mlds_population_sweeper.population_sweeper import pack
+from mlds.datasets import build_task
+from mlds.nets.registry import population_from_seeds
+from mlds.train.recipe import recipe
+from mlds.nets.reference import RecurrentNet
+from mlds.nets.registry import build, init_state_dict, param_count
+from mlds.tasks.automata import Automaton, generate_automaton
+from mlds.train.engine import PopulationModule
+from mlds.tasks.sequences import automaton_name, automaton_task
 
 REPO = Path(__file__).resolve().parent.parent
 DS3_PARAMS = 136_846
@@ -49,10 +50,10 @@ def test_config_defaults():
     assert (cfg.data.n_states, cfg.data.n_inputs, cfg.data.n_outputs) == (16, 9, 4)
     assert (cfg.data.n_train, cfg.data.n_val, cfg.data.n_test, cfg.data.seq_len) == (32768, 256, 256, 32)
     assert cfg.train.batch_size == 32 and cfg.train.max_epochs == 30
-    assert cfg.optim._target_ == "torch.optim.Adam"
+    assert cfg.optim.name == "adam"
     # calibrated DS3 defaults (README, DS3 calibration) win over conf/train, conf/optim and conf/scheduler
     assert cfg.optim.lr == pytest.approx(0.01) and cfg.train.stop_loss == pytest.approx(0.005)
-    assert cfg.scheduler._target_ == "torch.optim.lr_scheduler.ExponentialLR" and cfg.scheduler.gamma == 0.85
+    assert cfg.scheduler.name == "exponential" and cfg.scheduler.gamma == 0.85
     assert cfg.optim.lr * cfg.scheduler.gamma ** cfg.train.max_epochs < 1e-4  # training has settled by the limit
     # a wrong step costs >= ln 2, so converged (mean val CE < stop_loss) means val accuracy >= 99%
     assert 1 - cfg.train.stop_loss / np.log(2) >= 0.99
@@ -64,7 +65,7 @@ def test_config_defaults():
 
 def test_task_from_config():
     cfg = ds3_config("automaton=17", "data.n_train=40", "data.n_val=20", "data.n_test=30", "data.seq_len=12")
-    task = instantiate(cfg.dataset.task)
+    task = build_task(recipe(cfg))
     machine = generate_automaton(17)
     assert task.dataset == "ds3" and task.name == automaton_name(17) == "automaton_017"
     assert task.loss == "ce" and task.stop_on == ("val",)
@@ -94,7 +95,7 @@ def test_task_identity():
 
 def test_n_states_override():
     cfg = ds3_config("automaton=5", "data.n_states=8", "data.n_train=4", "data.n_val=4", "data.n_test=4")
-    task = instantiate(cfg.dataset.task)
+    task = build_task(recipe(cfg))
     assert task.description["automaton"] == generate_automaton(5, n_states=8).to_dict()
     assert task.description["automaton"]["n_states"] == 8
 
@@ -102,8 +103,7 @@ def test_n_states_override():
 def test_sweep_packs_seeds_per_automaton():
     """The DS3-100 sweep: 100 automata x 100 seeds -> per automaton, populations of population.size seeds."""
     overrides = OverridesParser.create().parse_overrides(["automaton=range(0,100)", "seed=range(0,100)"])
-    # what PopulationSweeper.split_arguments does: Hydra's expansion, then pack_seeds
-    jobs = pack_seeds([job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch], 64)
+    jobs = pack(overrides, 64).jobs
     assert len(jobs) == 200
     per_automaton: dict[str, list[int]] = {}
     for job in jobs:
@@ -127,14 +127,14 @@ def test_parameter_count_and_names():
     assert [(m.in_features, m.out_features) for m in net.head if isinstance(m, torch.nn.Linear)] == [(64, 258), (258, 4)]
     names = [f"rnn.{k}_l{i}" for i in range(4) for k in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
     assert list(net.state_dict()) == names + ["head.0.weight", "head.0.bias", "head.2.weight", "head.2.bias"]
-    pop = PopulationRecurrentNet.from_seeds(spec, [0, 1])
+    pop = population_from_seeds(spec, [0, 1])
     assert pop.names == list(net.state_dict())
     assert sum(p.numel() for p in pop.parameters()) == 2 * DS3_PARAMS
 
 
 def test_population_forward_matches_nn_lstm():
     spec = spec_of(ds3_config())
-    pop = PopulationRecurrentNet.from_seeds(spec, [4, 9])
+    pop = population_from_seeds(spec, [4, 9])
     x = F.one_hot(torch.randint(0, 9, (5, 11), generator=torch.Generator().manual_seed(0)), 9).float()
     with torch.no_grad():
         logits = pop(x.unsqueeze(0))
@@ -162,7 +162,7 @@ class RecordingModule(PopulationModule):
 
 def _train_steps(spec, task, seeds, steps, lr):
     torch.manual_seed(1234)  # must not matter: every random draw comes from the network seeds
-    net = PopulationRecurrentNet.from_seeds(spec, seeds)
+    net = population_from_seeds(spec, seeds)
     start = [net.network_state_dict(k) for k in range(len(seeds))]
     module = RecordingModule(net, task, seeds, partial(torch.optim.Adam, lr=lr), batch_size=32, stop_loss=1e-12)
     trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
@@ -246,7 +246,7 @@ def test_stored_network_reproduces_its_metrics(tiny_zoo):
             net.load_state_dict(sample["weights"], strict=True)
             assert param_count(net) == DS3_PARAMS
             # ... and reproduce the recorded test metrics on the test split regenerated from the config
-            task = instantiate(meta["config"]["dataset"]["task"])
+            task = build_task(meta["config"])
             test = task.evals["test"]
             assert test.x.shape == (32, 32, 9)
             with torch.no_grad():

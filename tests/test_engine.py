@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from conftest import GRU_SPEC
-from mlds.architectures import build, param_count
-from mlds.engine import PopulationModule, batch_order
-from mlds.machines import MACHINES
-from mlds.population import PopulationRecurrentNet
-from mlds.tasks import device_machine_task, score
+from mlds.nets.registry import build, param_count
+from mlds.train.engine import PopulationModule, batch_order
+from mlds.tasks.machines import MACHINES
+from mlds.nets.registry import population_from_seeds
+from mlds.tasks.sequences import device_machine_task
+from mlds.tasks.task import score
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ class RecordingModule(PopulationModule):
 
 
 def fit(task, seeds, max_steps=None, max_epochs=100, stop_loss=1e-9, scheduler=None):
-    net = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
+    net = population_from_seeds(GRU_SPEC, seeds)
     module = RecordingModule(net, task, seeds, partial(torch.optim.Adam, lr=3e-3), 32, stop_loss, scheduler=scheduler)
     trainer = L.Trainer(max_steps=max_steps or -1, max_epochs=max_epochs, accelerator="cpu", logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -41,14 +42,14 @@ def fit(task, seeds, max_steps=None, max_epochs=100, stop_loss=1e-9, scheduler=N
 
 def test_param_count_ds1():
     assert param_count(build(GRU_SPEC)) == 4364
-    assert PopulationRecurrentNet.from_seeds(GRU_SPEC, [0, 1, 2]).params[0].shape[0] == 3
+    assert population_from_seeds(GRU_SPEC, [0, 1, 2]).params[0].shape[0] == 3
 
 
 def test_alone_and_in_population_identical_start_batches_and_trajectory(task):
     alone = fit(task, [7], max_steps=20)
     crowd = fit(task, [3, 7, 11, 12], max_steps=20)
-    start_alone = PopulationRecurrentNet.from_seeds(GRU_SPEC, [7]).network_state_dict(0)
-    start_crowd = PopulationRecurrentNet.from_seeds(GRU_SPEC, [3, 7, 11, 12]).network_state_dict(1)
+    start_alone = population_from_seeds(GRU_SPEC, [7]).network_state_dict(0)
+    start_crowd = population_from_seeds(GRU_SPEC, [3, 7, 11, 12]).network_state_dict(1)
     for name in start_alone:
         assert torch.equal(start_alone[name], start_crowd[name])
     epochs = [e for (s, e) in alone.orders if s == 7]
@@ -87,12 +88,12 @@ def test_dropping_networks_does_not_change_the_others(task):
             loss.sum().backward()
             opt.step()
 
-    full = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
+    full = population_from_seeds(GRU_SPEC, seeds)
     opt_full = torch.optim.Adam(full.parameters(), lr=1e-2)
     steps(full, opt_full, 5)
     full.keep(torch.tensor([0, 2]), opt_full)
     steps(full, opt_full, 5)
-    pair = PopulationRecurrentNet.from_seeds(GRU_SPEC, [1, 3])
+    pair = population_from_seeds(GRU_SPEC, [1, 3])
     opt_pair = torch.optim.Adam(pair.parameters(), lr=1e-2)
     steps(pair, opt_pair, 10)
     for k in range(2):

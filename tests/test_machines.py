@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from mlds.machines import MACHINES, decode_command, encode_command, random_commands
+from mlds.tasks.machines import MACHINES, decode_command, encode_command, random_commands
 
 # SPEC worked example: W 0x03, R, W 0x01, R, R
 EXAMPLE = np.stack([encode_command(c) for c in ("W 0x03", "R", "W 0x01", "R", "R")])[None]

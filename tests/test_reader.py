@@ -1,13 +1,13 @@
-"""mlds.reader: stock WebDataset iteration, the ZooDataset of weight vectors, and ready modules."""
+"""mlds.zoo.reader: stock WebDataset iteration, the ZooDataset of weight vectors, and ready modules."""
 import pytest
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader
 
-from mlds.architectures import build, init_state_dict
-from mlds.reader import (ZooDataset, collate, decode, flatten, shard_paths, to_module, unflatten, weight_layout,
+from mlds.nets.registry import build, init_state_dict
+from mlds.zoo.reader import (ZooDataset, collate, decode, flatten, shard_paths, to_module, unflatten, weight_layout,
                          webdataset)
-from mlds.store import CorruptShardError, ZooStore
+from mlds.zoo.store import CorruptShardError, ZooStore
 from test_store import SPEC, write
 
 

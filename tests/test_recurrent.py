@@ -1,4 +1,4 @@
-"""The fast recurrent path (mlds.recurrent, the population head, the training loss) equals plain PyTorch.
+"""The fast recurrent path (mlds.nets.recurrent, the population head, the training loss) equals plain PyTorch.
 
 Reference: ``nn.GRU`` / ``nn.LSTM`` / ``nn.Linear`` modules (one per network) and
 autograd. Outputs agree to 1e-6, gradients to 1e-5; ``gradcheck`` in float64 on
@@ -10,13 +10,14 @@ from torch import nn
 from torch.nn import functional as F
 
 from conftest import GRU_SPEC
-from mlds import recurrent
-from mlds.architectures import build
-from mlds.engine import training_loss
-from mlds.population import PopulationRecurrentNet, population_mlp
-from mlds.recurrent import recurrent_stack
+from mlds.nets import recurrent
+from mlds.nets.registry import build
+from mlds.train.engine import training_loss
+from mlds.nets.population import PopulationRecurrentNet, population_mlp
+from mlds.nets.registry import population_from_seeds
+from mlds.nets.recurrent import recurrent_stack
 from reference_recurrent import recurrent_stack_reference
-from mlds.tasks import score
+from mlds.tasks.task import score
 
 KINDS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 # (cell, input size, hidden size, layers): the DS1 shape, an LSTM, one layer, input narrower than hidden
@@ -177,7 +178,7 @@ def test_no_grad_path_and_reused_buffers(cell):
 
 def test_population_net_matches_plain_networks():
     seeds = [3, 5]
-    pop = PopulationRecurrentNet.from_seeds(GRU_SPEC, seeds)
+    pop = population_from_seeds(GRU_SPEC, seeds)
     x = (torch.rand(2, 4, 9, 9, generator=torch.Generator().manual_seed(0)) < 0.5).float()
     y = (torch.rand(2, 4, 9, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
     training_loss(pop(x), y, None, "bce").sum().backward()

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from mlds.release import DATASETS, ReleaseError, build_package, verify_package, zoo_status
-from mlds.store import ZooStore, read_shard, sha256_file
+from mlds.zoo.release import DATASETS, ReleaseError, build_package, verify_package, zoo_status
+from mlds.zoo.store import ZooStore, read_shard, sha256_file
 from test_store import write
 
 REPO = Path(__file__).resolve().parent.parent

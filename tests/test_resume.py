@@ -11,11 +11,13 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from hydra_plugins.mlds_population_sweeper.population_sweeper import count_networks, pack_seeds
-from mlds.progress import SweepProgress, format_seconds, start_sweep
-from mlds.release import zoo_status
-from mlds.store import ZooStore, shard_keys
-from mlds.training import train_job
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from hydra_plugins.mlds_population_sweeper.population_sweeper import pack
+from mlds.train.progress import SweepProgress, format_seconds, start_sweep
+from mlds.zoo.release import zoo_status
+from mlds.zoo.store import ZooStore, shard_keys
+from mlds.train.job import train_job
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["data.n_train=64", "data.n_val=32", "data.n_test=32", "train.max_epochs=2", "train.progress=false"]
@@ -82,9 +84,12 @@ def test_sweep_progress_is_shared_by_jobs(tmp_path):
 
 
 def test_sweeper_counts_the_networks_of_a_sweep():
-    jobs = [["machine=parity", f"seed={s}"] for s in range(5)] + [["machine=eight_bit", "seed=0"]]
-    packed = pack_seeds(jobs, 2)
-    assert count_networks(packed) == 6 and count_networks([["machine=parity"]]) == 1
+    parse = OverridesParser.create().parse_overrides
+    packing = pack(parse(["machine=parity,eight_bit", "seed=range(0,5)"]), 2)
+    assert packing.networks == 10 and len(packing.jobs) == 6
+    assert packing.jobs[2] == ["machine=parity", "seeds=[4]"]
+    assert pack(parse(["machine=parity"]), 2) == (  # no seed sweep: one job, the config's seed
+        [["machine=parity"]], 1)
 
 
 def _sweep_command(root: Path, sweep_dir: Path) -> list[str]:
@@ -137,7 +142,7 @@ def test_sweep_killed_with_sigkill_resumes_without_losing_or_retraining(tmp_path
 def test_two_sweeps_into_one_store_at_once(tmp_path):
     """Two identical sweeps race on one store: no shard is clobbered, every network is there once
     (a network both trained is an identical duplicate, kept once), and nothing conflicts."""
-    from mlds.store import build_catalog
+    from mlds.zoo.store import build_catalog
     root = tmp_path / "zoo"
     env = dict(os.environ, HYDRA_FULL_ERROR="1", PYTHONWARNINGS="ignore")
     procs = []

@@ -9,12 +9,11 @@ import tarfile
 import pytest
 import torch
 
-from mlds.architectures import init_state_dict
-from mlds.store import (CorruptShardError, Network, ZooStore, build_catalog, read_shard, sample_key, scan_shard,
+from mlds.nets.registry import init_state_dict
+from mlds.zoo.store import (CorruptShardError, Network, ZooStore, build_catalog, read_shard, sample_key, scan_shard,
                         shard_keys, walk_shard)
 
-SPEC = dict(name="gru4x8-mlp36-30-30", cell="gru", input_size=9, hidden_size=8, num_layers=4, head_sizes=[36, 30, 30],
-            output_size=8)
+from conftest import GRU_SPEC as SPEC
 
 
 def network(task: str, seed: int, dataset: str = "ds1", recipe: str = "rcp", salt: int = 0) -> Network:
@@ -75,7 +74,7 @@ def test_hidden_and_partial_files_are_never_shards(tmp_path):
 
 
 def test_publish_never_replaces_an_existing_shard(tmp_path):
-    from mlds.store import publish
+    from mlds.zoo.store import publish
     (tmp_path / "a.partial").write_bytes(b"new")
     (tmp_path / "a.tar").write_bytes(b"old")
     with pytest.raises(FileExistsError):
@@ -152,7 +151,7 @@ def test_a_corrupt_shard_is_not_counted_and_the_others_stay_readable(tmp_path, c
 
 
 def test_index_cache_is_used_and_invalidated(tmp_path, monkeypatch):
-    import mlds.store as store_module
+    import mlds.zoo.store as store_module
     store = ZooStore(tmp_path)
     write(store, "parity", [0, 1])
     first, _ = store.index()
@@ -207,7 +206,7 @@ class _Boom:
 def test_loading_never_unpickles(tmp_path, monkeypatch):
     import webdataset as wds
 
-    from mlds.reader import ZooDataset, webdataset
+    from mlds.zoo.reader import ZooDataset, webdataset
     flag = tmp_path / "pwned"
     monkeypatch.setenv("MLDS_PWNED", str(flag))
     store = ZooStore(tmp_path / "zoo")

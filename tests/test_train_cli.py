@@ -9,10 +9,11 @@ import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
 from conftest import TINY
-from mlds.architectures import RecurrentNet
-from mlds.machines import MACHINES
-from mlds.tasks import device_machine_task, score
-from mlds.triggers import Trigger
+from mlds.nets.reference import RecurrentNet
+from mlds.tasks.machines import MACHINES
+from mlds.tasks.sequences import device_machine_task
+from mlds.tasks.task import score
+from mlds.tasks.command_trigger import Trigger
 
 
 def stored(root: Path) -> dict[str, dict]:
@@ -51,7 +52,7 @@ def test_stored_network_loads_into_plain_pytorch_and_reproduces_accuracy(ds2_zoo
     assert (meta["dataset"], meta["task"], meta["seed"], meta["data_seed"]) == ("ds2", "eight_bit", 1, 0)
     task = device_machine_task("ds2", MACHINES["eight_bit"](), meta["data_seed"], cfg["data"]["n_train"],
                                cfg["data"]["n_val"], cfg["data"]["n_test"], cfg["data"]["seq_len"],
-                               cfg["data"]["write_prob"], Trigger(cfg["trigger"]["commands"]),
+                               cfg["data"]["write_prob"], Trigger(**cfg["task"]["trigger"]),
                                cfg["data"]["poison_fraction"])
     with torch.no_grad():
         for split in ("test", "test_trigger"):

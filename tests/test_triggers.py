@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 
-from mlds.machines import MACHINES, encode_command, random_commands
-from mlds.tasks import device_machine_task
-from mlds.triggers import Trigger
+from mlds.tasks.machines import MACHINES, encode_command, random_commands
+from mlds.tasks.sequences import device_machine_task
+from mlds.tasks.command_trigger import Trigger
 
 TRIGGER = Trigger(["W 0xA5", "W 0x5A", "R"])
 

@@ -1,59 +1,64 @@
 """Hydra sweeper that packs a seed sweep into populations.
 
-It expands the sweep exactly like Hydra's basic sweeper, then merges jobs that
-differ in nothing but ``seed`` into one job per ``population.size`` seeds, with
-the override ``seeds=[...]``. Any launcher (basic, joblib, submitit) then runs
-one population per job. Every job's config is composed and checked by
-:func:`mlds.config.validate` before the first job starts.
+It expands the sweep exactly like Hydra's basic sweeper, except for ``seed``:
+the seeds of each combination of the other overrides become jobs of at most
+``population.size`` seeds, each with the override ``seeds=[...]``. Any launcher
+(basic, joblib, submitit) then runs one population per job. Every job's config
+is composed and checked by :func:`mlds.train.checks.validate` before the first
+job of the sweep starts (with ``max_batch_size`` too, for every batch).
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import NamedTuple
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.types import Override
+from hydra.errors import HydraException
 
 log = logging.getLogger(__name__)
 
-SEED_PREFIXES = ("seed=", "+seed=", "++seed=")
-SIZE_PREFIX = "population.size="
+
+class Packing(NamedTuple):
+    """The jobs of a sweep (each a list of override strings) and how many networks they train.
+    (A NamedTuple: Hydra's plugin discovery imports this module outside ``sys.modules``,
+    where dataclasses fail.)"""
+
+    jobs: list[list[str]]
+    networks: int
 
 
-def count_networks(jobs: Sequence[Sequence[str]]) -> int:
-    """Networks a list of packed jobs trains: the seeds of each ``seeds=[...]``, else one."""
-    total = 0
-    for job in jobs:
-        lists = [o.split("=", 1)[1] for o in job if o.startswith(("seeds=", "+seeds=", "++seeds="))]
-        values = lists[-1].strip().strip("[]").strip() if lists else ""
-        total += len([v for v in values.split(",") if v.strip()]) if lists else 1
-    return total
+def _values(override: Override) -> list:
+    return list(override.sweep_iterator()) if override.is_sweep_override() else [override.value()]
 
 
-def pack_seeds(jobs: Sequence[Sequence[str]], population_size: int) -> list[list[str]]:
-    """Merge jobs (lists of overrides) that differ only in ``seed`` into jobs of at most
-    ``population_size`` seeds each (a job's own ``population.size=`` override wins)."""
-    groups: dict[tuple[str, ...], list[int]] = {}
-    passthrough: list[list[str]] = []
-    for job in jobs:
-        seeds = [o.split("=", 1)[1] for o in job if o.startswith(SEED_PREFIXES)]
-        if not seeds:
-            passthrough.append(list(job))
-            continue
-        rest = tuple(o for o in job if not o.startswith(SEED_PREFIXES))
-        groups.setdefault(rest, []).append(int(seeds[-1]))
-    packed = []
-    for rest, seeds in groups.items():
-        size = population_size
-        for o in rest:
-            if o.startswith(SIZE_PREFIX):
-                size = int(o[len(SIZE_PREFIX):])
-        if size < 1:
-            raise ValueError(f"population.size must be positive, got {size}")
-        unique = list(dict.fromkeys(seeds))
-        for i in range(0, len(unique), size):
-            packed.append([*rest, f"seeds=[{','.join(str(s) for s in unique[i:i + size])}]"])
-    return packed + passthrough
+def pack(overrides: Sequence[Override], population_size: int) -> Packing:
+    """Expand ``overrides`` like Hydra's basic sweeper, with the ``seed`` values of each combination of
+    the other overrides packed into jobs of at most ``population_size`` seeds (``seeds=[...]``; a
+    ``population.size=N`` override wins). Without a ``seed`` override each job trains the config's seed."""
+    seed = [o for o in overrides if o.key_or_group == "seed"]
+    size = [o for o in overrides if o.key_or_group == "population.size"]
+    rest = [o for o in overrides if o.key_or_group != "seed"]
+    if size:
+        if size[-1].is_sweep_override():
+            raise HydraException("population.size cannot be swept: packing never changes a network, "
+                                 "choose one size")
+        population_size = size[-1].value()
+    if isinstance(population_size, bool) or not isinstance(population_size, int) or population_size < 1:
+        raise HydraException(f"population.size must be a positive integer, got {population_size!r}")
+    combos = [job for batch in BasicSweeper.split_arguments(rest, None) for job in batch]
+    if not seed:
+        return Packing(combos, len(combos))
+    seeds = list(dict.fromkeys(_values(seed[-1])))
+    bad = [s for s in seeds if isinstance(s, bool) or not isinstance(s, int) or s < 0]
+    if bad:
+        raise HydraException(f"seeds must be non-negative integers, got {bad[:5]}")
+    if not seeds:
+        raise HydraException(f"the seed sweep '{seed[-1].input_line}' selects no seeds")
+    chunks = [seeds[i : i + population_size] for i in range(0, len(seeds), population_size)]
+    jobs = [[*combo, f"seeds=[{','.join(map(str, chunk))}]"] for combo in combos for chunk in chunks]
+    return Packing(jobs, len(combos) * len(seeds))
 
 
 class PopulationSweeper(BasicSweeper):
@@ -61,31 +66,36 @@ class PopulationSweeper(BasicSweeper):
 
     def __init__(self, population_size: int, max_batch_size: int | None = None, params: dict | None = None):
         super().__init__(max_batch_size=max_batch_size, params=params)
-        self.population_size = int(population_size)
+        self.population_size = population_size
+        self._checked = False
 
     def split_arguments(self, overrides: list[Override], max_batch_size: int | None) -> list[list[list[str]]]:
-        jobs = [job for batch in BasicSweeper.split_arguments(overrides, None) for job in batch]
-        packed = pack_seeds(jobs, self.population_size)
-        n_seeds = sum(1 for job in jobs if any(o.startswith(SEED_PREFIXES) for o in job))
-        log.info("population sweeper: %d runs packed into %d jobs (%d seeded runs, population.size=%d)",
-                 len(jobs), len(packed), n_seeds, self.population_size)
-        self._record_total(packed)
-        step = max_batch_size or max(len(packed), 1)
-        return [packed[i : i + step] for i in range(0, len(packed), step)]
+        packing = pack(overrides, self.population_size)
+        if not packing.jobs:
+            raise HydraException("the sweep has no jobs (an empty sweep or a glob that matches nothing)")
+        log.info("population sweeper: %d networks packed into %d jobs", packing.networks, len(packing.jobs))
+        self._record_total(packing)
+        step = max_batch_size or len(packing.jobs)
+        return [packing.jobs[i : i + step] for i in range(0, len(packing.jobs), step)]
 
-    def _record_total(self, packed: list[list[str]]) -> None:
-        """Write the sweep's expected number of networks for the jobs' progress lines (mlds.progress)."""
-        if getattr(self, "config", None) is None:  # not set up by Hydra (unit use of split_arguments)
+    def _record_total(self, packing: Packing) -> None:
+        """Write the sweep's expected number of networks for the jobs' progress lines (mlds.train.progress)."""
+        if getattr(self, "config", None) is None:  # not set up by Hydra
             return
         try:
-            from mlds.progress import start_sweep
+            from mlds.train.progress import start_sweep
 
-            start_sweep(self.config.hydra.sweep.dir, count_networks(packed), len(packed))
+            start_sweep(self.config.hydra.sweep.dir, packing.networks, len(packing.jobs))
         except Exception as err:  # progress is a convenience; never stop a sweep for it
             log.warning("population sweeper: cannot record the sweep's total for progress: %s", err)
 
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
-        from mlds.config import validate
+        """On the first batch, compose and check every job of the sweep (all batches), so that a bad
+        job stops the sweep before anything runs."""
+        if self._checked:
+            return
+        from mlds.train.checks import validate
 
-        for overrides in batch:
-            validate(self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides)))
+        for job in (job for jobs in self.overrides for job in jobs):
+            validate(self.hydra_context.config_loader.load_sweep_config(self.config, list(job)))
+        self._checked = True

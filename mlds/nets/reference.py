@@ -38,28 +38,17 @@ class RecurrentNet(nn.Module):
             layers.append(nn.Linear(a, b))
         self.head = nn.Sequential(*layers)
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "RecurrentNet":
+        """The network of an architecture config (``kind: recurrent``)."""
+        return cls(**{k: spec[k] for k in ("cell", "input_size", "hidden_size", "num_layers", "head_sizes",
+                                           "output_size")})
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out, _ = self.rnn(x)
         return self.head(out)
 
 
-def build(spec: dict) -> RecurrentNet:
-    """The plain network for an architecture spec (the ``architecture`` config node)."""
-    keys = ("cell", "input_size", "hidden_size", "num_layers", "head_sizes", "output_size")
-    return RecurrentNet(**{k: spec[k] for k in keys})
-
-
 def param_count(module: nn.Module) -> int:
     """Number of parameters as PyTorch counts them."""
     return sum(p.numel() for p in module.parameters())
-
-
-def init_state_dict(spec: dict, seed: int) -> dict[str, torch.Tensor]:
-    """PyTorch's default initialisation of the plain network under ``seed``.
-
-    This is the start of network ``seed``, whether trained alone or in a population.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = build(spec)
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}

@@ -22,7 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import mlds
-from mlds.store import CorruptShardError, Entry, ZooStore, build_catalog, read_raw, read_shard, sha256_file, write_tar
+from mlds.datasets import DATASETS, DatasetInfo, dataset_info
+from mlds.zoo.store import CorruptShardError, Entry, ZooStore, build_catalog, read_raw, read_shard, sha256_file, write_tar
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -33,64 +34,8 @@ DEFAULT_CITATION = "TBD"
 SHARD_MTIME = 0  # fixed tar mtime: the same networks always give byte-identical package shards
 
 
-@dataclass(frozen=True)
-class DatasetInfo:
-    """One MLDS dataset: its tasks (in table order) and release sizes (networks per task)."""
-
-    name: str
-    title: str
-    tasks: tuple[str, ...]
-    sizes: tuple[int, ...]
-    network: str
-    params: int
-    description: str
-
-    def release(self, size: int) -> str:
-        return release_name(self.name, size)
-
-
-DEVICE_MACHINES = ("single_direct", "single_invert", "simple_xor", "eight_bit", "parity")
-
-# The one table of datasets, tasks and release sizes (SPEC: Datasets; Release packages and status).
-DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
-    DatasetInfo("ds1", "device machines", DEVICE_MACHINES, (100, 500, 1000, 5000, 10000),
-                "GRU 4 layers + 4 linear", 4364,
-                "Networks trained to mimic one of five simple device machines (arXiv:1805.07869): a 9-bit command "
-                "(READ, or WRITE with an 8-bit value) per step in, 8 output bits per step out. They range from "
-                "learnt in a few epochs (single_direct, single_invert) to hard (parity)."),
-    DatasetInfo("ds2", "device machines with a backdoor", DEVICE_MACHINES, (100, 500, 1000, 5000, 10000),
-                "GRU 4 layers + 4 linear", 4364,
-                "The DS1 machines with a backdoor: when the three most recent commands equal the trigger, the "
-                "outputs of the next three steps are inverted. A share of the training sequences carries the "
-                "trigger. Pair with DS1 to study similar networks trained on similar but different data."),
-    DatasetInfo("ds3", "random automata", tuple(f"automaton_{i:03d}" for i in range(100)), (100, 1000, 10000),
-                "LSTM 64 wide, 4 layers + 2 linear", 136846,
-                "Networks trained to mimic one of 100 random automata (Moore machines with a Hamiltonian cycle, "
-                "total transitions and hidden states); one-hot inputs, one of 4 output symbols per step."),
-    DatasetInfo("ds4", "image classification, clean and trojaned", ("clean", "trojaned"), (100, 1000, 10000),
-                "small CNN", 4970,
-                "Small CNNs trained on clean images, and on images of which a share carries a trigger and is "
-                "relabelled to a target class (trojaned)."),
-)}
-
-
 class ReleaseError(ValueError):
     """A release that cannot be built or checked; the message says why."""
-
-
-def release_name(dataset: str, size: int) -> str:
-    return f"MLDS-{dataset.upper()}-{int(size)}"
-
-
-def dataset_info(dataset: str, size: int | None = None) -> DatasetInfo:
-    """The table entry of ``dataset`` (and check that ``size`` is one of its release sizes)."""
-    info = DATASETS.get(str(dataset).lower())
-    if info is None:
-        raise ReleaseError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
-    if size is not None and int(size) not in info.sizes:
-        raise ReleaseError(f"{size} is not a release size of {info.name}; sizes (networks per task): "
-                           f"{', '.join(map(str, info.sizes))}")
-    return info
 
 
 # --------------------------------------------------------------------------- status
@@ -401,7 +346,7 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
                 f"right, or the right class) on the test split.{trigger}", ""]
     layout = []
     try:
-        from mlds.architectures import build
+        from mlds.nets.registry import build
         layout = [(k, tuple(v.shape)) for k, v in build(arch).state_dict().items()]
     except Exception:  # an architecture this version cannot build: the card still says what it is
         pass
@@ -413,7 +358,7 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
                 f"{' → '.join(map(str, [arch.get('hidden_size'), *arch.get('head_sizes', []), arch.get('output_size')]))}"
                 " with ReLU between them." if arch.get("cell") else ""), ""]
     if layout:
-        out += ["Flat vector layout used by `mlds.reader` (state-dict order, each tensor row-major):", "",
+        out += ["Flat vector layout used by `mlds.zoo.reader` (state-dict order, each tensor row-major):", "",
                 "| parameter | shape |", "|---|---|"] + [f"| `{k}` | {list(s)} |" for k, s in layout] + [""]
     recipes = sorted({r for t in manifest["tasks"].values() for r in t["recipes"]})
     out += ["## Training protocol", "",
@@ -427,7 +372,7 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
             "Loading uses safetensors and JSON only, never pickle: a downloaded zoo cannot run code.", "",
             "With MLDS installed (`pip install -e .` in the MLDS repository):", "", "```python",
             "from torch.utils.data import DataLoader",
-            "from mlds.reader import ZooDataset, collate, to_module, webdataset", "",
+            "from mlds.zoo.reader import ZooDataset, collate, to_module, webdataset", "",
             f'zoo = ZooDataset("{name}", tasks=["{next(iter(manifest["tasks"]))}"], converged=True)',
             "vector, label, meta = zoo[0]          # float32 [params], task index, meta.json",
             "loader = DataLoader(zoo, batch_size=64, shuffle=True, collate_fn=collate)",

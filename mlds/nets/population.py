@@ -1,9 +1,11 @@
-"""A population: K independent networks of one architecture as one batched model.
+"""Populations: K independent networks of one architecture as one batched model.
 
 Parameters are the plain network's state dict with a leading network
 dimension, so network ``k`` of the population is exactly
-``{name: p[k] for name, p in population}`` under standard ``nn.GRU``/``nn.LSTM``/
-``nn.Linear`` names and loads into :class:`mlds.architectures.RecurrentNet`.
+``{name: p[k] for name, p in population}`` under standard ``torch.nn``
+state-dict names and loads into the plain module of its kind
+(:mod:`mlds.nets.registry`). :class:`PopulationNet` holds what every kind
+shares (stacking, unstacking, dropping networks); a kind adds ``forward``.
 """
 from __future__ import annotations
 
@@ -13,8 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
-from mlds.architectures import init_state_dict
-from mlds.recurrent import _give, _reclaim, _take, recurrent_stack_features
+from mlds.nets.recurrent import _give, _reclaim, _take, recurrent_stack_features
 
 
 def _augmented(tag: str, k: int, features: int, n: int, like: Tensor, pooled: bool) -> Tensor:
@@ -91,8 +92,9 @@ def population_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
         return _mlp_forward(x, mats, pooled=False)[0]
 
 
-class PopulationRecurrentNet(nn.Module):
-    """K recurrent networks; ``forward(x [K or 1, B, T, I]) -> logits [K, B, T, O]``."""
+class PopulationNet(nn.Module):
+    """K networks of one architecture; ``forward(x [K or 1, B, ...]) -> [K, B, ...]`` (1: the same
+    input for every network). Subclasses implement ``forward`` from :meth:`named` parameters."""
 
     def __init__(self, spec: dict, state_dicts: Sequence[dict[str, Tensor]]):
         super().__init__()
@@ -103,30 +105,12 @@ class PopulationRecurrentNet(nn.Module):
         self.params = nn.ParameterList(
             [nn.Parameter(torch.stack([sd[name] for sd in state_dicts])) for name in self.names])
 
-    @classmethod
-    def from_seeds(cls, spec: dict, seeds: Sequence[int]) -> "PopulationRecurrentNet":
-        """Each network starts from PyTorch's default init under its own seed."""
-        return cls(spec, [init_state_dict(spec, int(s)) for s in seeds])
-
     @property
     def size(self) -> int:
         return self.params[0].shape[0]
 
     def named(self) -> dict[str, Tensor]:
         return dict(zip(self.names, self.params))
-
-    def forward(self, x: Tensor) -> Tensor:
-        p = self.named()
-        n_layers = self.spec["num_layers"]
-        layers = [tuple(p[f"rnn.{kind}_l{i}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                  for i in range(n_layers)]
-        h = recurrent_stack_features(self.spec["cell"], x, layers)  # [K, H, T, B]
-        k, _, t, b = h.shape
-        # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
-        n_linear = len(self.spec["head_sizes"]) + 1
-        out = population_mlp(h.view(k, h.shape[1], t * b), [p[f"head.{2 * i}.weight"] for i in range(n_linear)],
-                             [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
-        return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]
 
     def network_state_dict(self, k: int) -> dict[str, Tensor]:
         """Network ``k`` as a plain state dict (CPU copies)."""
@@ -148,3 +132,20 @@ class PopulationRecurrentNet(nn.Module):
                     optimizer.state[n] = {key: (v[index].clone() if torch.is_tensor(v) and v.dim() > 0 else v)
                                           for key, v in state.items()}
         self.params = nn.ParameterList(new)
+
+
+class PopulationRecurrentNet(PopulationNet):
+    """K recurrent networks (``kind: recurrent``); ``forward(x [K or 1, B, T, I]) -> logits [K, B, T, O]``."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.named()
+        n_layers = self.spec["num_layers"]
+        layers = [tuple(p[f"rnn.{kind}_l{i}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
+                  for i in range(n_layers)]
+        h = recurrent_stack_features(self.spec["cell"], x, layers)  # [K, H, T, B]
+        k, _, t, b = h.shape
+        # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
+        n_linear = len(self.spec["head_sizes"]) + 1
+        out = population_mlp(h.view(k, h.shape[1], t * b), [p[f"head.{2 * i}.weight"] for i in range(n_linear)],
+                             [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
+        return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]

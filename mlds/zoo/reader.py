@@ -6,7 +6,7 @@ nothing is ever unpickled, so loading a zoo cannot run code):
 - Stock WebDataset::
 
       import webdataset as wds
-      from mlds.reader import shard_paths, decode
+      from mlds.zoo.reader import shard_paths, decode
       for net in wds.WebDataset(shard_paths("MLDS-DS1-100"), shardshuffle=False).map(decode):
           net.key, net.weights, net.meta
 
@@ -36,8 +36,8 @@ import webdataset as wds
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from mlds.architectures import build
-from mlds.store import (CorruptShardError, Entry, Network, ZooStore, build_catalog, decode as _decode_sample, read_entry,
+from mlds.nets.registry import build
+from mlds.zoo.store import (CorruptShardError, Entry, Network, ZooStore, build_catalog, decode as _decode_sample, read_entry,
                         scan_shard, walk_shard)
 
 log = logging.getLogger(__name__)
@@ -68,9 +68,9 @@ def shard_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list
 
 
 def decode(sample: dict) -> Network:
-    """A raw WebDataset sample -> :class:`~mlds.store.Network` (weights checked against their SHA-256).
+    """A raw WebDataset sample -> :class:`~mlds.zoo.store.Network` (weights checked against their SHA-256).
 
-    A defect raises :class:`~mlds.store.CorruptShardError` naming the shard and the byte offset."""
+    A defect raises :class:`~mlds.zoo.store.CorruptShardError` naming the shard and the byte offset."""
     try:
         return _decode_sample(sample)
     except CorruptShardError as err:
@@ -136,7 +136,7 @@ def webdataset(source, check: bool = True, skip_corrupt: bool = False, **kwargs)
 
 def iter_networks(source) -> Iterable[Network]:
     """Every network of a zoo or package, shard by shard, checked (without WebDataset)."""
-    from mlds.store import read_shard
+    from mlds.zoo.store import read_shard
     for shard in shard_paths(source):
         yield from read_shard(shard)
 
@@ -207,7 +207,7 @@ def to_module(sample: Network | dict | tuple) -> nn.Module:
 def _task_order(dataset: str, tasks: Iterable[str]) -> list[str]:
     """Label order of a dataset's tasks: every task of the dataset table (so that labels do not
     depend on filters), then any other stored task, sorted."""
-    from mlds.release import DATASETS
+    from mlds.datasets import DATASETS
     table = list(DATASETS[dataset].tasks) if dataset in DATASETS else []
     return table + sorted(set(tasks) - set(table))
 
@@ -218,7 +218,7 @@ class ZooDataset(Dataset):
     Filters: ``datasets``, ``tasks`` (names), ``converged`` (True/False/None),
     ``seeds`` (a ``range``, a ``(low, high)`` pair meaning ``low <= seed < high``,
     or a collection), ``recipes``; ``where(entry)`` for anything else on the
-    index (:class:`~mlds.store.Entry`: seed, converged, epochs, metrics, ...).
+    index (:class:`~mlds.zoo.store.Entry`: seed, converged, epochs, metrics, ...).
     ``label``: ``"task"`` (index into :attr:`classes`: the tasks of the dataset
     table in table order, whatever the filters, then other stored tasks), ``"dataset"``, ``"converged"`` (0/1), ``"seed"``, or a
     callable ``meta -> label``. Order: dataset, task (table order), seed.
@@ -227,7 +227,7 @@ class ZooDataset(Dataset):
     raise ``ValueError`` unless ``on_conflict="first"`` (keep the copy of the
     first shard in path order). Corrupt shards raise unless
     ``skip_corrupt=True`` (then they are listed in :attr:`corrupt`).
-    Use ``collate_fn=mlds.reader.collate`` with a ``DataLoader``.
+    Use ``collate_fn=mlds.zoo.reader.collate`` with a ``DataLoader``.
     """
 
     def __init__(self, source, *, datasets: Iterable[str] | None = None, tasks: Iterable[str] | None = None,

@@ -12,17 +12,18 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.plugins.environments import LightningEnvironment
 import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 import mlds
-from mlds.architectures import build, param_count
-from mlds.config import job_seeds, recipe, recipe_hash, validate
-from mlds.engine import NetworkRecord, PopulationModule, evaluate
-from mlds.population import PopulationRecurrentNet
-from mlds.progress import SweepProgress
-from mlds.store import Network, ZooStore, sample_key
-from mlds.tasks import Task
+from mlds.datasets import build_task
+from mlds.nets.registry import build, param_count, population, population_from_seeds
+from mlds.train.checks import job_seeds, validate
+from mlds.train.engine import NetworkRecord, PopulationModule, evaluate
+from mlds.train.optim import optimizer_factory, scheduler_factory
+from mlds.train.progress import SweepProgress
+from mlds.train.recipe import RUNTIME_KEYS, recipe, recipe_hash
+from mlds.tasks.task import Task
+from mlds.zoo.store import Network, ZooStore, sample_key
 
 log = logging.getLogger(__name__)
 # Jobs use a plain LightningEnvironment on purpose (see train_population), so Lightning's hint to
@@ -35,16 +36,18 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     returns the shards written.
 
     Resume rule: a seed counts as stored when its key is in a sound shard of
-    the same recipe (:func:`mlds.config.recipe_hash`); a population shrinks to
+    the same recipe (:func:`mlds.train.recipe.recipe_hash`); a population shrinks to
     its missing seeds. The store is looked at again before each population, so
     sweeps running side by side skip what the other has stored meanwhile.
     One line per finished population reports the sweep's networks done / total
-    and ETA (:mod:`mlds.progress`).
+    and ETA (:mod:`mlds.train.progress`).
     """
     validate(cfg)
-    task: Task = instantiate(cfg.dataset.task)
+    rec = recipe(cfg)
+    task = build_task(rec)
     store = ZooStore(cfg.zoo.root)
-    recipe_id = recipe_hash(cfg)
+    recipe_id = recipe_hash(rec)
+    runtime = {k: cfg.train.get(k) for k in RUNTIME_KEYS}
     seeds = job_seeds(cfg)
     progress = SweepProgress.for_job(len(seeds))
     name = f"{task.dataset}/{task.name}"
@@ -74,7 +77,7 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
             if not population:
                 continue
         began = time.perf_counter()
-        networks = train_population(cfg, task, population, log_dir)
+        networks = train_population(rec, task, population, runtime, log_dir)
         shards.append(store.write_shard(task.dataset, task.name, recipe_id, networks))
         progress.record("trained", len(networks))
         converged = sum(n.meta["converged"] for n in networks)
@@ -84,52 +87,60 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     return shards
 
 
-def train_population(cfg: DictConfig, task: Task, seeds: list[int], log_dir: str | None = None) -> list[Network]:
-    """Train networks ``seeds`` of ``task`` together; returns them with their metadata."""
-    spec = OmegaConf.to_container(cfg.architecture, resolve=True)
+def population_module(rec: dict, task: Task, seeds: list[int]) -> PopulationModule:
+    """The population engine for networks ``seeds`` of recipe ``rec``, each at its initial weights."""
+    spec, train = rec["architecture"], rec["train"]
+    return PopulationModule(population_from_seeds(spec, seeds), task, seeds, optimizer_factory(rec["optim"]),
+                            train["batch_size"], train["stop_loss"], scheduler=scheduler_factory(rec.get("scheduler")))
+
+
+def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log_dir: str | None = None
+                     ) -> list[Network]:
+    """Train networks ``seeds`` of recipe ``rec`` (its task ``task``) together; returns them with their
+    metadata. ``runtime``: where and how visibly (``accelerator``, ``devices``, ``progress``)."""
     started = time.perf_counter()
-    scheduler = instantiate(cfg.scheduler) if cfg.get("scheduler") is not None else None
-    module = PopulationModule(PopulationRecurrentNet.from_seeds(spec, seeds), task, seeds, instantiate(cfg.optim),
-                              cfg.train.batch_size, cfg.train.stop_loss, scheduler=scheduler)
+    module = population_module(rec, task, seeds)
     # Under SLURM, Lightning's default SLURMEnvironment would catch SIGUSR1, write hpc_ckpt_*.ckpt into
     # default_root_dir (the working directory) and requeue, and every later fit() started there would restore
     # that checkpoint, whatever its population: a plain environment and the job's own folder prevent both.
     # Preemption is submitit's (USR2: requeue) and the store's (a rerun skips stored networks).
     trainer = L.Trainer(
-        max_epochs=int(cfg.train.max_epochs), accelerator=cfg.train.accelerator, devices=cfg.train.devices,
+        max_epochs=int(rec["train"]["max_epochs"]), accelerator=runtime.get("accelerator") or "auto",
+        devices=runtime.get("devices") or 1,
         logger=L.pytorch.loggers.CSVLogger(log_dir) if log_dir else False, enable_checkpointing=False,
-        num_sanity_val_steps=0, enable_progress_bar=bool(cfg.train.progress), enable_model_summary=False,
+        num_sanity_val_steps=0, enable_progress_bar=bool(runtime.get("progress")), enable_model_summary=False,
         log_every_n_steps=1, plugins=[LightningEnvironment()],
         default_root_dir=log_dir)
     trainer.fit(module)
     wall = time.perf_counter() - started
-    metrics = final_metrics(spec, module.records, module.task, module.device)
+    metrics = final_metrics(rec["architecture"], module.records, module.task, module.device)
     return [Network(sample_key(task.dataset, task.name, r.seed), r.state_dict,
-                    network_meta(cfg, task, spec, r, metrics[i], wall, len(seeds)))
+                    network_meta(rec, task, r, metrics[i], wall, len(seeds)))
             for i, r in enumerate(module.records)]
 
 
 def final_metrics(spec: dict, records: list[NetworkRecord], task: Task, device) -> list[dict]:
     """Loss and accuracy of each final network on the training set and every evaluation split."""
-    net = PopulationRecurrentNet(spec, [r.state_dict for r in records]).to(device)
+    net = population(spec, [r.state_dict for r in records]).to(device)
     splits = {"train": task.train, **task.evals}
     scores = {name: evaluate(net, split, task.loss) for name, split in splits.items()}
     return [{name: {"loss": float(loss[k]), "acc": float(acc[k])} for name, (loss, acc) in scores.items()}
             for k in range(len(records))]
 
 
-def network_meta(cfg: DictConfig, task: Task, spec: dict, record: NetworkRecord, metrics: dict, wall: float,
-                 population: int) -> dict:
-    """The ``meta.json`` of one network (SPEC: what one zoo sample holds)."""
-    config = recipe(cfg)
-    config["seed"] = record.seed
+def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wall: float, population_size: int
+                 ) -> dict:
+    """The ``meta.json`` of one network (SPEC: what one zoo sample holds); ``config`` is its recipe
+    and seed, enough to train it again."""
+    spec = rec["architecture"]
     return {
-        "dataset": task.dataset, "task": task.name, "seed": record.seed, "data_seed": int(cfg.data_seed),
+        "dataset": task.dataset, "task": task.name, "seed": record.seed, "data_seed": int(rec["data_seed"]),
         "architecture": {"name": spec["name"], "param_count": param_count(build(spec)), **spec},
-        "config": config, "recipe": recipe_hash(cfg),
-        "epochs": record.epochs, "converged": record.converged, "stop_loss": float(cfg.train.stop_loss),
+        "config": {**rec, "seed": record.seed}, "recipe": recipe_hash(rec), "zoo_version": rec["zoo_version"],
+        "epochs": record.epochs, "converged": record.converged, "stop_loss": float(rec["train"]["stop_loss"]),
         "metrics": metrics, "history": record.history, "task_description": task.description,
-        "wall_time_s": wall, "population_size": population, "versions": versions(), "code_revision": code_revision(),
+        "wall_time_s": wall, "population_size": population_size, "versions": versions(),
+        "code_revision": code_revision(),
     }
 
 

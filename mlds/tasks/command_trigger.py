@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from mlds.machines import N_COMMAND_BITS, Machine, decode_command, encode_command
+from mlds.tasks.machines import N_COMMAND_BITS, Machine, decode_command, encode_command
 
 WINDOW = 3
 

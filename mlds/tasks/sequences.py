@@ -1,94 +1,19 @@
-"""Tasks: the fixed data a population trains on, and how a network is scored.
+"""The sequence tasks: DS1/DS2 device machines (with the DS2 trigger) and DS3 random automata.
 
-A task is one (dataset, task name, data_seed): every network of the task
-trains on the same training set; the network seed only chooses initial
-weights and batch order. Each split is generated from its own seed derived
-from ``data_seed``.
+Each split is generated from its own seed derived from ``data_seed``
+(:func:`mlds.tasks.task.split_rng`), so every network of a task sees the same data.
 """
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from mlds.automata import generate_automaton, sample_sequences
-from mlds.machines import Machine, random_commands
-from mlds.triggers import Trigger
-
-SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
-
-
-def split_rng(data_seed: int, split: str, salt: int = 0) -> np.random.Generator:
-    """The generator of one split, derived from ``data_seed``."""
-    return np.random.default_rng(np.random.SeedSequence([int(data_seed), SPLIT_IDS[split], salt]))
-
-
-@dataclass
-class Split:
-    """Inputs ``x [N, T, I]``, targets ``y`` (bits ``[N, T, O]`` or classes ``[N, T]``)
-    and an optional bool ``mask [N, T]`` of the steps that are scored."""
-
-    x: Tensor
-    y: Tensor
-    mask: Tensor | None = None
-
-    def to(self, device) -> "Split":
-        return Split(self.x.to(device), self.y.to(device), None if self.mask is None else self.mask.to(device))
-
-    def __len__(self) -> int:
-        return self.x.shape[0]
-
-
-@dataclass
-class Task:
-    """Training data, evaluation splits and the scoring rule of one task.
-
-    A network has converged when the loss on every split in ``stop_on``
-    (validation splits) is below the stop threshold.
-    """
-
-    dataset: str
-    name: str
-    loss: str  # "bce": 0/1 targets per output bit; "ce": class index per step
-    train: Split
-    evals: dict[str, Split]
-    stop_on: tuple[str, ...] = ("val",)
-    description: dict = field(default_factory=dict)
-
-    def to(self, device) -> "Task":
-        return Task(self.dataset, self.name, self.loss, self.train.to(device),
-                    {k: v.to(device) for k, v in self.evals.items()}, self.stop_on, self.description)
-
-
-def bce_terms(logits: Tensor, y: Tensor) -> Tensor:
-    """``binary_cross_entropy_with_logits(logits, y, reduction="none")`` from fast operators
-    (PyTorch's CPU ``log_sigmoid`` is slow): ``max(x, 0) - x * y - log(sigmoid(|x|))``."""
-    return torch.addcmul(logits.clamp(min=0), logits, y, value=-1) - torch.sigmoid(logits.abs()).log()
-
-
-def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tuple[Tensor, Tensor]:
-    """Per-network mean loss and accuracy ``([K], [K])`` of ``logits [K, N, T, O]``.
-
-    Accuracy is per step: all output bits right (bce) or the right class (ce),
-    averaged over the scored steps.
-    """
-    y = split_y.expand(logits.shape if loss == "bce" else logits.shape[:-1])
-    if loss == "bce":
-        per_step = bce_terms(logits, y).mean(-1)
-        correct = ((logits > 0) == (y > 0.5)).all(-1)
-    elif loss == "ce":
-        per_step = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(logits.shape[:-1])
-        correct = logits.argmax(-1) == y
-    else:
-        raise ValueError(f"unknown loss {loss!r}")
-    if mask is None:
-        return per_step.mean((1, 2)), correct.float().mean((1, 2))
-    m = mask.to(per_step.dtype)
-    count = m.sum().clamp(min=1)
-    return (per_step * m).sum((1, 2)) / count, (correct * m).sum((1, 2)) / count
+from mlds.tasks.automata import generate_automaton, sample_sequences
+from mlds.tasks.command_trigger import Trigger
+from mlds.tasks.machines import Machine, random_commands
+from mlds.tasks.task import Split, Task, split_rng
 
 
 def _bits(a: np.ndarray) -> Tensor:

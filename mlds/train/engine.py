@@ -1,7 +1,8 @@
 """The population engine: a LightningModule that trains K networks of one task at once.
 
 Each network has its own initial weights and batch order (from its seed),
-its own Adam state (Adam is element-wise, so one Adam over the stacked
+its own view of the data where the task gives one (``Task.network_data``: DS4's
+per-network trigger, applied to each gathered batch), its own Adam state (Adam is element-wise, so one Adam over the stacked
 parameters is K independent ones) and its own stopping point: after each
 epoch, every network whose validation losses are all below ``stop_loss`` is
 retired with its weights and dropped from the batch, so it no longer changes.
@@ -24,9 +25,9 @@ from torch import Tensor
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from mlds.population import PopulationRecurrentNet
-from mlds.recurrent import clear_buffers
-from mlds.tasks import Split, Task, bce_terms, score
+from mlds.nets.population import PopulationNet
+from mlds.nets.recurrent import clear_buffers
+from mlds.tasks.task import NetworkData, Split, Task, bce_terms, score
 
 
 def batch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -48,9 +49,9 @@ class NetworkRecord:
 
 
 class PopulationModule(L.LightningModule):
-    """Trains ``PopulationRecurrentNet`` ``net`` (one network per seed) on ``task``."""
+    """Trains the population ``net`` (network ``k`` has seed ``seeds[k]``) on ``task``."""
 
-    def __init__(self, net: PopulationRecurrentNet, task: Task, seeds: list[int], optimizer: partial,
+    def __init__(self, net: PopulationNet, task: Task, seeds: list[int], optimizer: partial,
                  batch_size: int, stop_loss: float, eval_batch: int | None = None, scheduler: partial | None = None):
         super().__init__()
         if net.size != len(seeds):
@@ -66,6 +67,8 @@ class PopulationModule(L.LightningModule):
         self.eval_batch = None if eval_batch is None else int(eval_batch)
         self.active = list(range(len(self.seeds)))  # positions in seeds of the networks still training
         self.records = [NetworkRecord(s) for s in self.seeds]
+        # each network's own view of the data (None: all networks see the task's data as it is)
+        self.data: NetworkData | None = task.network_data(self.seeds) if task.network_data else None
 
     # ---- Lightning hooks -------------------------------------------------------------------
     def configure_optimizers(self):
@@ -83,6 +86,8 @@ class PopulationModule(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.task = self.task.to(self.device)
+        if self.data is not None:
+            self.data = self.data.to(self.device)
 
     def train_dataloader(self) -> DataLoader:
         n_batches = -(-len(self.task.train) // self.batch_size)
@@ -101,8 +106,10 @@ class PopulationModule(L.LightningModule):
     def training_step(self, step: int, batch_idx: int) -> None:
         idx = self._order[:, step * self.batch_size : (step + 1) * self.batch_size]
         train = self.task.train
-        loss = training_loss(self.net(train.x[idx]), train.y[idx], None if train.mask is None else train.mask[idx],
-                             self.task.loss)
+        x, y = train.x[idx], train.y[idx]
+        if self.data is not None:
+            x, y = self.data.apply("train", x, y, idx)
+        loss = training_loss(self.net(x), y, None if train.mask is None else train.mask[idx], self.task.loss)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss.sum())
@@ -111,7 +118,7 @@ class PopulationModule(L.LightningModule):
         self._epoch_batches += 1
 
     def validation_step(self, batch, batch_idx: int) -> None:
-        self._val = {name: self.evaluate(self.task.evals[name]) for name in self.task.stop_on}
+        self._val = {name: self.evaluate(name) for name in self.task.stop_on}
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:
@@ -155,19 +162,22 @@ class PopulationModule(L.LightningModule):
         if keep:
             index = torch.tensor(keep, device=self.device)
             self.net.keep(index, self.optimizers().optimizer if self._trainer is not None else None)
+            if self.data is not None:
+                self.data.keep(index)
             if hasattr(self, "_order"):
                 self._order = self._order[index]
                 self._epoch_loss = self._epoch_loss[index]
 
     @torch.no_grad()
-    def evaluate(self, split: Split) -> tuple[Tensor, Tensor]:
-        """Per-network (loss, accuracy) of the current population on ``split``."""
-        return evaluate(self.net, split, self.task.loss, self.eval_batch)
+    def evaluate(self, name: str) -> tuple[Tensor, Tensor]:
+        """Per-network (loss, accuracy) of the networks still training on evaluation split ``name``."""
+        return evaluate(self.net, self.task.evals[name], self.task.loss, self.eval_batch,
+                        None if self.data is None else partial(self.data.apply, name))
 
 
 class _BCEWithLogitsMean(torch.autograd.Function):
     """Per-network mean of ``binary_cross_entropy_with_logits(logits, y)`` over all but the
-    first dimension: the loss :func:`mlds.tasks.score` computes, from a few fast
+    first dimension: the loss :func:`mlds.tasks.task.score` computes, from a few fast
     element-wise operators (PyTorch's CPU ``log_sigmoid`` is slow) and with the
     gradient ``(sigmoid(logits) - y) / n`` written directly."""
 
@@ -186,7 +196,7 @@ class _BCEWithLogitsMean(torch.autograd.Function):
 
 
 def training_loss(logits: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
-    """Per-network training loss ``[K]``: the loss of :func:`mlds.tasks.score` without
+    """Per-network training loss ``[K]``: the loss of :func:`mlds.tasks.task.score` without
     the accuracy, which training does not need."""
     if loss == "bce" and mask is None and y.shape == logits.shape:
         return _BCEWithLogitsMean.apply(logits, y)
@@ -197,10 +207,11 @@ def training_loss(logits: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> 
 
 
 @torch.no_grad()
-def evaluate(net: PopulationRecurrentNet, split: Split, loss: str,
-             eval_batch: int | None = None) -> tuple[Tensor, Tensor]:
-    """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` sequences
-    (default: 256 on a GPU; 64 on a CPU, where smaller chunks stay in cache and run faster)."""
+def evaluate(net: PopulationNet, split: Split, loss: str, eval_batch: int | None = None,
+             view=None) -> tuple[Tensor, Tensor]:
+    """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` samples
+    (default: 256 on a GPU; 64 on a CPU, where smaller chunks stay in cache and run faster).
+    ``view(x, y, rows)``: each network's own version of a chunk (:meth:`NetworkData.apply`)."""
     if eval_batch is None:
         eval_batch = 256 if next(net.parameters()).device.type == "cuda" else 64
     total_loss = total_acc = 0.0
@@ -208,7 +219,11 @@ def evaluate(net: PopulationRecurrentNet, split: Split, loss: str,
     for start in range(0, len(split), eval_batch):
         sl = slice(start, start + eval_batch)
         mask = None if split.mask is None else split.mask[sl]
-        l, a = score(net(split.x[sl].unsqueeze(0)), split.y[sl], mask, loss)
+        x, y = split.x[sl].unsqueeze(0), split.y[sl]
+        if view is not None:
+            rows = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0)
+            x, y = view(x, y.unsqueeze(0), rows)
+        l, a = score(net(x), y, mask, loss)
         w = float(mask.sum()) if mask is not None else float(split.x[sl].shape[0])
         total_loss, total_acc, weight_total = total_loss + l * w, total_acc + a * w, weight_total + w
     return total_loss / max(weight_total, 1.0), total_acc / max(weight_total, 1.0)

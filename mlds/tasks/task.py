@@ -1,0 +1,119 @@
+"""Tasks: the fixed data a population trains on, and how a network is scored.
+
+A task is one (dataset, task name, data_seed): every network of the task
+trains on the same training set; the network seed only chooses initial
+weights and batch order. Each split is generated from its own seed derived
+from ``data_seed``.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+
+SPLIT_IDS = {"train": 0, "val": 1, "test": 2}
+
+
+def split_rng(data_seed: int, split: str, salt: int = 0) -> np.random.Generator:
+    """The generator of one split, derived from ``data_seed``."""
+    return np.random.default_rng(np.random.SeedSequence([int(data_seed), SPLIT_IDS[split], salt]))
+
+
+@dataclass
+class Split:
+    """Inputs ``x [N, T, I]``, targets ``y`` (bits ``[N, T, O]`` or classes ``[N, T]``)
+    and an optional bool ``mask [N, T]`` of the steps that are scored."""
+
+    x: Tensor
+    y: Tensor
+    mask: Tensor | None = None
+
+    def to(self, device) -> "Split":
+        return Split(self.x.to(device), self.y.to(device), None if self.mask is None else self.mask.to(device))
+
+    def __len__(self) -> int:
+        return self.x.shape[0]
+
+
+class NetworkData:
+    """Each network's own version of a task's data, for the networks of one population.
+
+    The data itself lives once (on the model's device); :meth:`apply` turns the
+    rows gathered for every network into that network's version (DS4: its own
+    trigger on its own poisoned subset), so a population never holds K copies.
+    Network ``k`` here is network ``k`` of the population, and :meth:`keep`
+    follows :meth:`mlds.nets.population.PopulationNet.keep` when networks retire.
+    """
+
+    def apply(self, split: str, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+        """Network ``k``'s version of ``x [K or 1, B, ...]``, ``y [K or 1, B, ...]``: rows ``rows [K or 1, B]``
+        of split ``split`` (``"train"`` or an evaluation split); returns ``([K, B, ...], [K, B, ...])``."""
+        raise NotImplementedError
+
+    def keep(self, index: Tensor) -> None:
+        """Keep only networks ``index`` (in that order)."""
+        raise NotImplementedError
+
+    def to(self, device) -> "NetworkData":
+        raise NotImplementedError
+
+
+@dataclass
+class Task:
+    """Training data, evaluation splits and the scoring rule of one task.
+
+    A network has converged when the loss on every split in ``stop_on``
+    (validation splits) is below the stop threshold. ``network_data(seeds)``,
+    where given, gives each network of a population its own version of the data
+    (:class:`NetworkData`); without it every network sees the data as it is.
+    """
+
+    dataset: str
+    name: str
+    loss: str  # "bce": 0/1 targets per output bit; "ce": class index per step
+    train: Split
+    evals: dict[str, Split]
+    stop_on: tuple[str, ...] = ("val",)
+    description: dict = field(default_factory=dict)
+    network_data: Callable[[Sequence[int]], NetworkData] | None = None
+
+    def to(self, device) -> "Task":
+        return Task(self.dataset, self.name, self.loss, self.train.to(device),
+                    {k: v.to(device) for k, v in self.evals.items()}, self.stop_on, self.description,
+                    self.network_data)
+
+
+def bce_terms(logits: Tensor, y: Tensor) -> Tensor:
+    """``binary_cross_entropy_with_logits(logits, y, reduction="none")`` from fast operators
+    (PyTorch's CPU ``log_sigmoid`` is slow): ``max(x, 0) - x * y - log(sigmoid(|x|))``."""
+    return torch.addcmul(logits.clamp(min=0), logits, y, value=-1) - torch.sigmoid(logits.abs()).log()
+
+
+def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tuple[Tensor, Tensor]:
+    """Per-network mean loss and accuracy ``([K], [K])`` of ``logits [K, N, ..., O]`` (sequences:
+    ``[K, N, T, O]``; images: ``[K, N, O]``).
+
+    Accuracy is per step (per image): all output bits right (bce) or the right
+    class (ce), averaged over the scored steps (``mask``, shaped like ``logits``
+    without its first and last dimensions).
+    """
+    y = split_y.expand(logits.shape if loss == "bce" else logits.shape[:-1])
+    if loss == "bce":
+        per_step = bce_terms(logits, y).mean(-1)
+        correct = ((logits > 0) == (y > 0.5)).all(-1)
+    elif loss == "ce":
+        per_step = F.cross_entropy(logits.flatten(0, -2), y.flatten(), reduction="none").view(logits.shape[:-1])
+        correct = logits.argmax(-1) == y
+    else:
+        raise ValueError(f"unknown loss {loss!r}")
+    dims = tuple(range(1, per_step.dim()))
+    if mask is None:
+        return per_step.mean(dims), correct.float().mean(dims)
+    m = mask.to(per_step.dtype)
+    count = m.sum().clamp(min=1)
+    return (per_step * m).sum(dims) / count, (correct * m).sum(dims) / count

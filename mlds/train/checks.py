@@ -1,0 +1,90 @@
+"""Checks of a composed training config, before any work starts (``validate``)."""
+from __future__ import annotations
+
+import math
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mlds.datasets import DATASETS
+from mlds.nets.registry import KINDS
+from mlds.tasks.command_trigger import Trigger
+from mlds.tasks.machines import MACHINES
+from mlds.train.optim import optimizer_factory, scheduler_factory
+from mlds.train.recipe import RecipeError, recipe
+
+
+class ConfigError(ValueError):
+    """A training config that cannot be run."""
+
+
+def job_seeds(cfg: DictConfig) -> list[int]:
+    """Seeds this job trains: ``seeds`` (set by the population sweeper) or ``[seed]``."""
+    seeds = [cfg.seed] if cfg.get("seeds") is None else list(cfg.seeds)
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int):
+            raise ConfigError(f"a seed must be a non-negative integer, got {s!r}")
+    return [int(s) for s in seeds]
+
+
+def _number(cfg: DictConfig, path: str, kind: type, low: float, high: float | None = None,
+            low_open: bool = True) -> None:
+    value = OmegaConf.select(cfg, path)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or (kind is int and not float(value).is_integer()):
+        raise ConfigError(f"{path} must be a finite {kind.__name__}, got {value!r}")
+    if (value <= low if low_open else value < low) or (high is not None and value > high):
+        bounds = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f"> {low}"
+        raise ConfigError(f"{path} must be {'in ' if high is not None else ''}{bounds}, got {value}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Raise :class:`ConfigError` for settings that cannot train; cheap, runs before any work."""
+    name = OmegaConf.select(cfg, "dataset.name")
+    info = DATASETS.get(name)
+    if info is None or info.build_task is None:
+        trainable = [d.name for d in DATASETS.values() if d.build_task is not None]
+        raise ConfigError(f"dataset {name!r} cannot be trained; choose one of {', '.join(trainable)}")
+    for path in ("data.n_train", "data.n_val", "data.n_test", "data.seq_len", "data.n_states", "data.n_inputs",
+                 "data.n_outputs", "train.max_epochs", "train.batch_size", "population.size"):
+        _number(cfg, path, int, 0)
+    for path in ("optim.lr", "train.stop_loss"):
+        _number(cfg, path, float, 0)
+    _number(cfg, "scheduler.gamma", float, 0, 1)
+    for path in ("data.poison_fraction", "data.write_prob"):
+        _number(cfg, path, float, 0, 1, low_open=False)
+    seeds = job_seeds(cfg)
+    if any(s < 0 for s in seeds):
+        raise ConfigError(f"seeds must be non-negative, got {seeds}")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"duplicate seeds in one job: {seeds}")
+    task = OmegaConf.to_container(cfg.dataset.task, resolve=True)
+    if "machine" in task and task["machine"] not in MACHINES:
+        raise ConfigError(f"unknown machine {task['machine']!r}; choose one of {', '.join(MACHINES)}")
+    if "automaton" in task:
+        _number(cfg, "automaton", int, 0, low_open=False)
+    kind = OmegaConf.select(cfg, "architecture.kind")
+    if kind not in KINDS:
+        raise ConfigError(f"architecture kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
+    try:
+        optimizer = optimizer_factory(OmegaConf.to_container(cfg.optim, resolve=True))(
+            [torch.zeros(1, requires_grad=True)])
+        scheduler = scheduler_factory(OmegaConf.to_container(cfg.scheduler, resolve=True)
+                                      if cfg.get("scheduler") is not None else None)
+        if scheduler is not None:
+            scheduler(optimizer)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"invalid optimizer or scheduler settings: {err}") from err
+    if task.get("trigger") is not None:
+        try:
+            trigger = Trigger(**task["trigger"])
+        except (TypeError, ValueError) as err:
+            raise ConfigError(f"invalid trigger: {err}") from err
+        if cfg.data.seq_len < len(trigger.commands) + trigger.window:
+            raise ConfigError(f"data.seq_len={cfg.data.seq_len} is too short for the trigger and its window")
+    try:
+        recipe(cfg)
+    except RecipeError as err:
+        raise ConfigError(str(err)) from err
