@@ -247,13 +247,13 @@ def run_baseline(cfg: dict, cores: int, networks: int, steps: int) -> dict:
     return s
 
 
-def run_population(ex, processes: int, size: int, steps: int, seed0: int = 0) -> dict:
-    jobs = [list(range(seed0 + p * size, seed0 + (p + 1) * size)) for p in range(processes)]
+def run_population(ex, processes: int, size: int, steps: int) -> dict:
+    jobs = [list(range(p * size, (p + 1) * size)) for p in range(processes)]
     results = list(ex.map(partial(population_job, steps=steps), jobs))
     return summarise(results, processes, steps)
 
 
-def layouts(spec: str, cores: int) -> list[tuple[int, int]]:
+def layouts(spec: str) -> list[tuple[int, int]]:
     """``"1x1,2x1"`` -> ``[(1, 1), (2, 1)]`` (processes, threads), without duplicates."""
     out = []
     for item in spec.split(","):
@@ -295,7 +295,7 @@ def main(argv=None) -> None:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else (d["quick_sizes"] if args.quick else d["sizes"])
     n_base = args.baseline_networks or (d["quick_baseline_networks"] if args.quick else d["baseline_networks"])
     cores = args.cores
-    lays = layouts(args.layouts or f"1x1,{cores}x1", cores)
+    lays = layouts(args.layouts or f"1x1,{cores}x1")
 
     quiet()
     import torch

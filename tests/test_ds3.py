@@ -229,7 +229,7 @@ def test_stored_network_reproduces_its_metrics(tiny_zoo):
         assert len(samples) == 2
         for sample in samples:
             meta, key = sample["meta"], sample["key"]
-            automaton = meta["config"]["automaton"]
+            automaton = meta["config"]["task"]["automaton"]
             assert key == f"ds3-automaton_{automaton:03d}-{meta['seed']:06d}" and "." not in key
             assert meta["task"] == shard.parent.name and meta["population_size"] == 2 and meta["epochs"] == 2
             assert meta["architecture"]["param_count"] == DS3_PARAMS

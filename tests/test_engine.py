@@ -1,4 +1,5 @@
 """Population engine: a network trains the same alone and inside a population."""
+import dataclasses
 from functools import partial
 
 import lightning as L
@@ -11,7 +12,7 @@ from mlds.train.engine import PopulationModule, batch_order
 from mlds.tasks.machines import MACHINES
 from mlds.nets.registry import population_from_seeds
 from mlds.tasks.sequences import device_machine_task
-from mlds.tasks.task import score
+from mlds.tasks.task import NetworkData, score
 
 
 @pytest.fixture(scope="module")
@@ -109,3 +110,64 @@ def test_stopped_network_keeps_its_weights(task):
         assert not r1.converged
         for name in r1.state_dict:
             assert torch.equal(r1.state_dict[name], r2.state_dict[name])
+
+
+class SeedFlippedLabels(NetworkData):
+    """Each network's own data: networks with an odd seed see every bit of the targets of rows
+    ``rows % 3 == 0`` flipped (a stand-in for DS4's per-network trigger and poisoned subset)."""
+
+    def __init__(self, seeds):
+        self.odd = torch.tensor([s % 2 == 1 for s in seeds])
+        self.kept = [list(seeds)]
+
+    def apply(self, split, x, y, rows):
+        flip = self.odd.view(-1, 1) & (rows % 3 == 0)  # [K, B]
+        y = y.expand(len(self.odd), *y.shape[1:])
+        return x, torch.where(flip.view(*flip.shape, *[1] * (y.dim() - 2)), 1 - y, y)
+
+    def keep(self, index):
+        self.odd = self.odd[index]
+        self.kept.append(index.tolist())
+
+    def to(self, device):
+        self.odd = self.odd.to(device)
+        return self
+
+
+def test_each_network_sees_its_own_data_alone_and_in_a_population(task):
+    """Task.network_data: a per-network view of the gathered batch (no K copies of the data); a
+    network trains the same alone and in a population, and its view is used for stopping too."""
+    own = dataclasses.replace(task, network_data=SeedFlippedLabels)
+    alone = fit(own, [5], max_epochs=2)
+    crowd = fit(own, [2, 5, 8], max_epochs=2)
+    shared = fit(task, [5], max_epochs=2)
+    a, c, s = alone.records[0].state_dict, crowd.records[1].state_dict, shared.records[0].state_dict
+    assert max((a[n] - c[n]).abs().max().item() for n in a) < 1e-5
+    assert max((a[n] - s[n]).abs().max().item() for n in a) > 1e-4  # the view changed what it learnt
+    assert alone.records[0].history["val_loss"] == pytest.approx(crowd.records[1].history["val_loss"], abs=1e-5)
+    assert shared.records[0].history["val_loss"] != pytest.approx(alone.records[0].history["val_loss"], abs=1e-3)
+    # networks with an even seed see the shared data
+    even = fit(task, [2], max_epochs=2).records[0].state_dict
+    assert max((even[n] - crowd.records[0].state_dict[n]).abs().max().item() for n in even) < 1e-5
+
+
+class RetireSecondAfterFirstEpoch(PopulationModule):
+    def on_validation_epoch_end(self):
+        super().on_validation_epoch_end()
+        if self.current_epoch == 0:
+            self.retire([1])
+
+
+def test_retired_networks_take_their_data_view_with_them(task):
+    """When a network stops, its per-network data leaves with it, in step with the parameters:
+    the networks after it keep their own views (odd seed 3 keeps its flipped labels)."""
+    own = dataclasses.replace(task, network_data=SeedFlippedLabels)
+    module = RetireSecondAfterFirstEpoch(population_from_seeds(GRU_SPEC, [1, 2, 3]), own, [1, 2, 3],
+                                         partial(torch.optim.Adam, lr=3e-3), 32, 1e-9)
+    L.Trainer(max_epochs=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False, num_sanity_val_steps=0).fit(module)
+    assert module.data.kept == [[1, 2, 3], [0, 2]] and [r.epochs for r in module.records] == [2, 1, 2]
+    for seed, position, epochs in ((3, 2, 2), (2, 1, 1)):
+        alone = fit(own, [seed], max_epochs=epochs).records[0].state_dict
+        got = module.records[position].state_dict
+        assert max((alone[n] - got[n]).abs().max().item() for n in alone) < 1e-5, seed

@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 import webdataset as wds
+from omegaconf import OmegaConf
 from safetensors.torch import load as load_safetensors
 
-from conftest import REPO, TINY, run_train
+from conftest import REPO, TINY, compose_train, run_train
 
 SLURM_TESTS = os.environ.get("MLDS_SLURM_TESTS") == "1"
 needs_slurm = pytest.mark.skipif(
@@ -106,15 +107,16 @@ def test_local_parallel_sweep_gives_the_same_networks_as_a_serial_one(tmp_path, 
 # ---------------------------------------------------------------------------------------------
 
 def test_slurm_launcher_config_composes():
-    proc = run_train("hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.account=proj42",
-                     "--cfg", "hydra", "-p", "hydra.launcher")
-    out = proc.stdout
+    cfg = compose_train("hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.account=proj42",
+                        hydra=True)
+    out = OmegaConf.to_yaml(cfg.hydra.launcher, resolve=False)
     assert "SlurmLauncher" in out and "partition: debug" in out and "account: proj42" in out
     for field in ("timeout_min:", "cpus_per_task:", "gpus_per_node:", "mem_gb:", "array_parallelism:",
                   "max_num_timeout:", "submitit_folder: ${hydra.sweep.dir}/.submitit/%j", "OMP_NUM_THREADS"):
         assert field in out, field
 
 
+@pytest.mark.slow
 def test_slurm_sweep_validates_every_job_before_submitting(tmp_path):
     """A bad job fails the sweep before anything is submitted (works without a cluster)."""
     sweep_dir = tmp_path / "sweep"

@@ -13,7 +13,7 @@ from conftest import GRU_SPEC
 from mlds.nets import recurrent
 from mlds.nets.registry import build
 from mlds.train.engine import training_loss
-from mlds.nets.population import PopulationRecurrentNet, population_mlp
+from mlds.nets.population import population_mlp
 from mlds.nets.registry import population_from_seeds
 from mlds.nets.recurrent import recurrent_stack
 from reference_recurrent import recurrent_stack_reference

@@ -1,14 +1,15 @@
-"""End to end through the real ``train.py`` CLI: sweep, store, load into plain PyTorch."""
+"""Training jobs end to end: sweep, store, load into plain PyTorch, bad input. The jobs run in-process
+(``train_job`` on a composed config, what ``train.py`` calls); the real CLI runs in the ``slow`` tests."""
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import webdataset as wds
 from safetensors.torch import load as load_safetensors
 
-from conftest import TINY
+from conftest import TINY, compose_train, run_train
+from mlds.train.job import train_job
 from mlds.nets.reference import RecurrentNet
 from mlds.tasks.machines import MACHINES
 from mlds.tasks.sequences import device_machine_task
@@ -22,17 +23,11 @@ def stored(root: Path) -> dict[str, dict]:
     return {s["__key__"]: s for s in wds.WebDataset(shards, shardshuffle=False)} if shards else {}
 
 
-@pytest.fixture(scope="module")
-def ds2_zoo(tmp_path_factory):
-    from conftest import run_train
-    root = tmp_path_factory.mktemp("zoo")
+@pytest.mark.slow
+def test_multirun_packs_seeds_and_stores_expected_keys(tmp_path):
+    root = tmp_path / "zoo"
     proc = run_train("-m", "dataset=ds2", "machine=single_direct,eight_bit", "seed=range(0,3)",
                      "population.size=2", f"zoo.root={root}", *TINY)
-    return root, proc
-
-
-def test_multirun_packs_seeds_and_stores_expected_keys(ds2_zoo):
-    root, proc = ds2_zoo
     keys = set(stored(root))
     assert keys == {f"ds2-{m}-{s:06d}" for m in ("single_direct", "eight_bit") for s in range(3)}
     shards = sorted(root.rglob("*.tar"))
@@ -41,8 +36,10 @@ def test_multirun_packs_seeds_and_stores_expected_keys(ds2_zoo):
     assert "seeds=[0,1]" in proc.stdout + proc.stderr
 
 
-def test_stored_network_loads_into_plain_pytorch_and_reproduces_accuracy(ds2_zoo):
-    root, _ = ds2_zoo
+def test_stored_network_loads_into_plain_pytorch_and_reproduces_accuracy(tmp_path):
+    root = tmp_path / "zoo"
+    train_job(compose_train("dataset=ds2", "machine=eight_bit", "seeds=[0,1]", "population.size=2",
+                            f"zoo.root={root}", *TINY))
     sample = stored(root)["ds2-eight_bit-000001"]
     meta = json.loads(sample["meta.json"])
     net = RecurrentNet("gru", 9, 8, 4, [36, 30, 30], 8)
@@ -63,14 +60,16 @@ def test_stored_network_loads_into_plain_pytorch_and_reproduces_accuracy(ds2_zoo
     assert meta["epochs"] == 2 and meta["converged"] is False
     assert len(meta["history"]["val_loss"]) == 2 and len(meta["history"]["val_trigger_loss"]) == 2
     assert meta["task_description"]["trigger"]["commands"] == ["W 0xA5", "W 0x5A", "R"]
-    for field in ("wall_time_s", "versions", "code_revision", "recipe"):
+    for field in ("wall_time_s", "versions", "code_revision", "recipe", "zoo_version"):
         assert field in meta
+    text = json.dumps(meta["config"])
+    assert "_target_" not in text and "mlds." not in text and "torch." not in text
 
 
-def test_same_command_twice_gives_identical_weights(tmp_path, train_cli):
+def test_same_command_twice_gives_identical_weights(tmp_path):
     roots = [tmp_path / "a", tmp_path / "b"]
     for root in roots:
-        train_cli("-m", "machine=parity", "seed=5,6", f"zoo.root={root}", *TINY)
+        train_job(compose_train("machine=parity", "seeds=[5,6]", f"zoo.root={root}", *TINY))
     a, b = stored(roots[0]), stored(roots[1])
     assert set(a) == set(b) == {"ds1-parity-000005", "ds1-parity-000006"}
     for key in a:
@@ -87,12 +86,27 @@ def test_same_command_twice_gives_identical_weights(tmp_path, train_cli):
     ("data.poison_fraction=1.5", "poison_fraction"),
     ("trigger.commands=[W 0xA5,R]", "three commands"),
     ("scheduler=cosine", "scheduler"),
+    ("optim.name=adagrad", "adagrad"),
+    ("+optim.betaz=[0.9,0.99]", "betaz"),
+    ("optim.lr=inf", "optim.lr"),
+    ("seed=1.5", "seed"),
 ])
-def test_bad_input_fails_before_training_and_writes_nothing(tmp_path, train_cli, override, message):
-    root = tmp_path / "zoo"
+def test_bad_input_is_refused_before_any_work(tmp_path, override, message):
+    """Config checks (what every job and the sweeper run before training), composed in-process."""
     extra = [] if "dataset=" in override else ["dataset=ds2"]
-    proc = train_cli("-m", *extra, *TINY, "seed=range(0,4)", f"zoo.root={root}", override, check=False)
+    with pytest.raises(Exception, match=message) as err:
+        train_job(compose_train(*extra, *TINY, f"zoo.root={tmp_path / 'zoo'}", override))
+    assert not isinstance(err.value, AssertionError)
+    assert not (tmp_path / "zoo").exists()
+
+
+@pytest.mark.slow
+def test_bad_job_in_a_later_batch_stops_the_sweep_before_anything_runs(tmp_path):
+    """Through the CLI: the sweeper checks every job of every batch (max_batch_size) before the first starts."""
+    root = tmp_path / "zoo"
+    proc = run_train("-m", "dataset=ds2", *TINY, "seed=range(0,4)", "population.size=1",
+                     "hydra.sweeper.max_batch_size=2", "optim.lr=0.01,-1", f"zoo.root={root}", check=False)
     assert proc.returncode != 0
-    assert message in proc.stderr + proc.stdout
+    assert "optim.lr must be > 0, got -1" in proc.stderr + proc.stdout
     assert "Trainer.fit" not in proc.stderr + proc.stdout
     assert not root.exists()

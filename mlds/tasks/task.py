@@ -7,6 +7,7 @@ from ``data_seed``.
 """
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ class Split:
         return self.x.shape[0]
 
 
-class NetworkData:
+class NetworkData(ABC):
     """Each network's own version of a task's data, for the networks of one population.
 
     The data itself lives once (on the model's device); :meth:`apply` turns the
@@ -50,17 +51,18 @@ class NetworkData:
     follows :meth:`mlds.nets.population.PopulationNet.keep` when networks retire.
     """
 
+    @abstractmethod
     def apply(self, split: str, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
         """Network ``k``'s version of ``x [K or 1, B, ...]``, ``y [K or 1, B, ...]``: rows ``rows [K or 1, B]``
         of split ``split`` (``"train"`` or an evaluation split); returns ``([K, B, ...], [K, B, ...])``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def keep(self, index: Tensor) -> None:
         """Keep only networks ``index`` (in that order)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def to(self, device) -> "NetworkData":
-        raise NotImplementedError
+        """This data on ``device``."""
 
 
 @dataclass

@@ -1,2 +1,3 @@
 """Training: the population engine (``engine``), one training job (``job``), a network's
-identity (``recipe``), config checks (``checks``) and sweep progress (``progress``)."""
+identity (``recipe``), config checks (``checks``), optimizers and schedules by name (``optim``)
+and sweep progress (``progress``)."""

@@ -1,2 +1,3 @@
 """Zoos on disk: the shard store (``store``), reading networks as data (``reader``), release
-packages and status (``release``) and the dataset card (``card``). Imports neither Lightning nor Hydra."""
+packages, status and the dataset card (``release``, ``templates/dataset_card.md.j2``).
+Imports neither Lightning nor Hydra."""

@@ -134,13 +134,6 @@ def webdataset(source, check: bool = True, skip_corrupt: bool = False, **kwargs)
     return wds.WebDataset(paths, **kwargs).map(decode)
 
 
-def iter_networks(source) -> Iterable[Network]:
-    """Every network of a zoo or package, shard by shard, checked (without WebDataset)."""
-    from mlds.zoo.store import read_shard
-    for shard in shard_paths(source):
-        yield from read_shard(shard)
-
-
 # --------------------------------------------------------------------------- vectors and modules
 
 @dataclass(frozen=True)

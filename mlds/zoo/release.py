@@ -10,6 +10,7 @@ against its manifest and reads every sample.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -20,6 +21,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+
+import jinja2
 
 import mlds
 from mlds.datasets import DATASETS, DatasetInfo, dataset_info
@@ -268,8 +271,8 @@ def format_number(value, digits: int = 3) -> str:
     return str(value)
 
 
-def _protocol(metas: dict) -> list[str]:
-    """Training settings, one line each; a setting that differs between tasks says so."""
+def _protocol(metas: dict) -> list[dict]:
+    """Training settings (``label``, ``value``); ``differs`` where a setting differs between tasks."""
     def get(meta, *path):
         node = meta.get("config", {})
         for p in path:
@@ -277,16 +280,17 @@ def _protocol(metas: dict) -> list[str]:
         return node
 
     fields = [
-        ("optimizer", ("optim", "_target_")), ("learning rate", ("optim", "lr")),
+        ("optimizer", ("optim", "name")), ("learning rate", ("optim", "lr")),
+        ("learning-rate schedule", ("scheduler",)),
         ("batch size", ("train", "batch_size")), ("max epochs", ("train", "max_epochs")),
         ("stop when validation loss is below", ("train", "stop_loss")),
         ("training / validation / test sequences", None), ("sequence length", ("data", "seq_len")),
         ("WRITE probability", ("data", "write_prob")), ("poisoned share of training sequences",
                                                          ("data", "poison_fraction")),
-        ("trigger", ("trigger", "commands")), ("automaton states", ("data", "n_states")),
+        ("trigger", ("task", "trigger", "commands")), ("automaton states", ("data", "n_states")),
         ("data_seed (training set shared by all networks of a task)", ("data_seed",)),
     ]
-    lines = []
+    settings = []
     for label, path in fields:
         if path is None:
             values = {(get(m, "data", "n_train"), get(m, "data", "n_val"), get(m, "data", "n_test"))
@@ -296,101 +300,69 @@ def _protocol(metas: dict) -> list[str]:
             values = {json.dumps(get(m, *path)) for m in metas.values() if get(m, *path) is not None}
             values = {v.strip('"') for v in values}
         if values:
-            lines.append(f"- {label}: {values.pop() if len(values) == 1 else 'differs between tasks (see meta.json)'}")
-    return lines
+            differs = len(values) > 1
+            settings.append({"label": label, "value": None if differs else values.pop(), "differs": differs})
+    return settings
+
+
+def _size_category(networks: int) -> str:
+    """The Hugging Face ``size_categories`` tier of a number of networks."""
+    for limit, tier in ((1000, "n<1K"), (10000, "1K<n<10K"), (100000, "10K<n<100K"), (1000000, "100K<n<1M")):
+        if networks < limit:
+            return tier
+    return "n>1M"
+
+
+@functools.cache
+def _templates() -> jinja2.Environment:
+    """The card templates (``mlds/zoo/templates``); Markdown, so nothing is escaped."""
+    return jinja2.Environment(loader=jinja2.PackageLoader("mlds.zoo", "templates"), autoescape=False,
+                              keep_trailing_newline=True, trim_blocks=True, lstrip_blocks=True,
+                              undefined=jinja2.StrictUndefined)
 
 
 def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) -> str:
-    """The generated README.md of a package."""
+    """The generated README.md of a package (text and layout: ``templates/dataset_card.md.j2``)."""
     info = DATASETS[manifest["dataset"]]
-    name, size = manifest["name"], manifest["networks_per_task"]
     arch = manifest.get("architecture") or {}
-    n_tasks = len(manifest["tasks"])
-    splits = [s for s in ("test", "test_trigger") if any(s in t["metrics"] for t in manifest["tasks"].values())]
-    tiers = "n<1K" if manifest["networks"] < 1000 else "1K<n<10K" if manifest["networks"] < 10000 \
-        else "10K<n<100K" if manifest["networks"] < 100000 else "100K<n<1M" if manifest["networks"] < 1000000 \
-        else "n>1M"
-    out = [
-        "---", f"pretty_name: {name}", f"license: {manifest['license'].lower()}", f"size_categories: {tiers}",
-        "tags: [model-zoo, weight-space-learning, mlds]", "---", "",
-        f"# {name}", "",
-        f"MLDS {info.name.upper()} ({info.title}): {info.description}", "",
-        "## Contents", "",
-        f"- {manifest['networks']:,} trained networks: exactly {size:,} per task for {n_tasks} tasks "
-        "(the lowest seeds stored for each task).",
-        f"- {len(manifest['shards'])} WebDataset shards in `shards/` ({manifest['bytes'] / 1e6:,.1f} MB), one "
-        "sample per network, key `<dataset>-<task>-<seed, 6 digits>`, entries `weights.safetensors` (the state "
-        "dict, standard PyTorch names) and `meta.json` (dataset, task, seed, architecture, resolved training "
-        "config, epochs, converged, train/validation/test loss and accuracy, per-epoch history, task "
-        "description, software versions, code revision, `weights_sha256`).",
-        f"- `{MANIFEST}`: counts, seeds, recipes and a SHA-256 per shard; `{CHECKSUMS}` for `sha256sum -c`.", "",
-        "| task | networks | seeds | converged | median epochs | " + " | ".join(
-            f"median {s} acc | min {s} acc" for s in splits) + " | median test loss |",
-        "|---|---:|---|---:|---:|" + "---:|---:|" * len(splits) + "---:|",
-    ]
-    for task, t in manifest["tasks"].items():
-        seeds = f"{t['seeds'][0]}–{t['seeds'][1]}" if t["contiguous_seeds"] else \
-            f"{t['seeds'][0]}–{t['seeds'][1]} (not contiguous)"
-        cells = [task, f"{t['networks']:,}", seeds, f"{t['converged']:,} ({100 * t['converged'] / t['networks']:.0f}%)",
-                 format_number(t["median_epochs"], 1)]
-        for s in splits:
-            m = t["metrics"].get(s, {})
-            cells += [format_number(m.get("median_acc")), format_number(m.get("min_acc"))]
-        cells.append(format_number(t["metrics"].get("test", {}).get("median_loss"), 4))
-        out.append("| " + " | ".join(cells) + " |")
-    converged = sum(t["converged"] for t in manifest["tasks"].values())
-    trigger = (" `test_trigger` is the share of the steps inverted by the backdoor that the network "
-               "reproduces." if "test_trigger" in splits else "")
-    out += ["", f"Converged: {converged:,} of {manifest['networks']:,} networks "
-                f"({100 * converged / max(manifest['networks'], 1):.1f}%). Accuracy is per step (all output bits "
-                f"right, or the right class) on the test split.{trigger}", ""]
+    tasks = manifest["tasks"]
+    splits = [s for s in ("test", "test_trigger") if any(s in t["metrics"] for t in tasks.values())]
+    rows = []
+    for task, t in tasks.items():
+        rows.append({
+            "task": task, "networks": f"{t['networks']:,}", "first_seed": t["seeds"][0], "last_seed": t["seeds"][1],
+            "contiguous": t["contiguous_seeds"], "converged": f"{t['converged']:,}",
+            "converged_percent": f"{100 * t['converged'] / t['networks']:.0f}",
+            "median_epochs": format_number(t["median_epochs"], 1),
+            "accuracies": [(format_number(t["metrics"].get(s, {}).get("median_acc")),
+                            format_number(t["metrics"].get(s, {}).get("min_acc"))) for s in splits],
+            "median_test_loss": format_number(t["metrics"].get("test", {}).get("median_loss"), 4)})
+    converged = sum(t["converged"] for t in tasks.values())
     layout = []
     try:
         from mlds.nets.registry import build
-        layout = [(k, tuple(v.shape)) for k, v in build(arch).state_dict().items()]
+        layout = [(k, list(v.shape)) for k, v in build(arch).state_dict().items()]
     except Exception:  # an architecture this version cannot build: the card still says what it is
         pass
-    out += ["## Architecture", "",
-            f"`{arch.get('name', info.network)}`: {info.network}, {arch.get('param_count', info.params):,} "
-            "parameters (as PyTorch counts them). " + (
-                f"`{arch.get('cell', '').upper()}({arch.get('input_size')} → {arch.get('hidden_size')}, "
-                f"{arch.get('num_layers')} layers)`, then linear layers "
-                f"{' → '.join(map(str, [arch.get('hidden_size'), *arch.get('head_sizes', []), arch.get('output_size')]))}"
-                " with ReLU between them." if arch.get("cell") else ""), ""]
-    if layout:
-        out += ["Flat vector layout used by `mlds.zoo.reader` (state-dict order, each tensor row-major):", "",
-                "| parameter | shape |", "|---|---|"] + [f"| `{k}` | {list(s)} |" for k, s in layout] + [""]
-    recipes = sorted({r for t in manifest["tasks"].values() for r in t["recipes"]})
-    out += ["## Training protocol", "",
-            "Every network of a task trains on the same training set; the seed chooses the initial weights and "
-            "the batch order. A network stops when its validation loss falls below the threshold (converged) or "
-            "at the epoch limit.", "", *_protocol(metas),
-            f"- recipes (hash of the resolved training config, per task in `{MANIFEST}`): "
-            f"{len(recipes)} ({', '.join(recipes[:5])}{', ...' if len(recipes) > 5 else ''})",
-            f"- code revision: {', '.join(manifest['code_revisions'])}", ""]
-    out += ["## How to load", "",
-            "Loading uses safetensors and JSON only, never pickle: a downloaded zoo cannot run code.", "",
-            "With MLDS installed (`pip install -e .` in the MLDS repository):", "", "```python",
-            "from torch.utils.data import DataLoader",
-            "from mlds.zoo.reader import ZooDataset, collate, to_module, webdataset", "",
-            f'zoo = ZooDataset("{name}", tasks=["{next(iter(manifest["tasks"]))}"], converged=True)',
-            "vector, label, meta = zoo[0]          # float32 [params], task index, meta.json",
-            "loader = DataLoader(zoo, batch_size=64, shuffle=True, collate_fn=collate)",
-            "net = to_module(zoo.network(0))      # plain nn.Module with the weights loaded", "",
-            f'for net in webdataset("{name}"):    # stock WebDataset stream, in order',
-            "    print(net.key, net.meta[\"converged\"])", "```", "",
-            "With WebDataset alone:", "", "```python", "import glob, json", "import webdataset as wds",
-            "from safetensors.torch import load", "",
-            f'shards = sorted(glob.glob("{name}/shards/*.tar"))',
-            "for sample in wds.WebDataset(shards, shardshuffle=False):",
-            '    weights = load(sample["weights.safetensors"])   # dict of tensors',
-            '    meta = json.loads(sample["meta.json"])', "```", "",
-            "Check the download: `sha256sum -c SHA256SUMS`, or with MLDS "
-            f"`python scripts/package.py verify {name}` (checksums, and reads every sample).", "",
-            "## Citation", "", manifest["citation"], "",
-            "## Licence", "", manifest["license"], "",
-            f"Generated by {manifest['created_by']} on {manifest['created']}.", ""]
-    return "\n".join(out)
+    return _templates().get_template("dataset_card.md.j2").render(
+        name=manifest["name"], license=manifest["license"], license_id=manifest["license"].lower(),
+        size_category=_size_category(manifest["networks"]),
+        dataset=info.name.upper(), title=info.title, description=info.description,
+        networks=f"{manifest['networks']:,}", size=f"{manifest['networks_per_task']:,}", n_tasks=len(tasks),
+        n_shards=len(manifest["shards"]), megabytes=f"{manifest['bytes'] / 1e6:,.1f}",
+        manifest_file=MANIFEST, checksums_file=CHECKSUMS,
+        splits=splits, rows=rows, converged=f"{converged:,}",
+        converged_percent=f"{100 * converged / max(manifest['networks'], 1):.1f}",
+        arch={"name": arch.get("name", info.network), "network": info.network,
+              "params": f"{arch.get('param_count', info.params):,}",
+              "cell": str(arch.get("cell") or "").upper(), "input_size": arch.get("input_size"),
+              "hidden_size": arch.get("hidden_size"), "num_layers": arch.get("num_layers"),
+              "linear_sizes": [arch.get("hidden_size"), *arch.get("head_sizes", []), arch.get("output_size")]
+              if arch.get("cell") else []},
+        layout=layout, protocol=_protocol(metas),
+        recipes=sorted({r for t in tasks.values() for r in t["recipes"]}),
+        code_revisions=manifest["code_revisions"], first_task=next(iter(tasks)),
+        citation=manifest["citation"], created_by=manifest["created_by"], created=manifest["created"])
 
 
 @dataclass

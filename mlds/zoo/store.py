@@ -532,9 +532,6 @@ class Catalog:
     conflicts: dict[str, list[Entry]]
     corrupt: list[CorruptShardError]
 
-    def count(self, dataset: str, task: str) -> int:
-        return len(self.networks.get((dataset, task), {}))
-
     def tasks(self, dataset: str) -> list[str]:
         return sorted(t for d, t in self.networks if d == dataset)
 
