@@ -115,3 +115,16 @@ def test_conflicting_versions_are_reported(zoo):
         ZooDataset(zoo)
     ds = ZooDataset(zoo, on_conflict="first")
     assert len(ds) == 14
+
+
+@pytest.mark.slow
+def test_reading_a_zoo_imports_neither_lightning_nor_hydra():
+    """A researcher who only reads zoos pays for neither (a fresh interpreter: pytest has both loaded)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, mlds.zoo.store, mlds.zoo.reader, mlds.zoo.release, mlds.datasets, mlds.nets.registry; "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'hydra', "
+            "'omegaconf'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]", out
