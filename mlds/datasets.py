@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mlds.tasks.command_trigger import Trigger
+from mlds.tasks.images import image_task
 from mlds.tasks.machines import MACHINES
 from mlds.tasks.sequences import automaton_name, automaton_task, device_machine_task
 from mlds.tasks.task import Task
@@ -19,7 +20,7 @@ from mlds.tasks.task import Task
 @dataclass(frozen=True)
 class DatasetInfo:
     """One MLDS dataset: its tasks (in table order), release sizes (networks per task), network,
-    and ``build_task(recipe) -> Task`` (None: not trainable in this version)."""
+    and ``build_task(recipe, files) -> Task`` (None: not trainable in this version)."""
 
     name: str
     title: str
@@ -28,7 +29,7 @@ class DatasetInfo:
     network: str
     params: int
     description: str
-    build_task: Callable[[dict], Task] | None = None
+    build_task: Callable[[dict, dict | None], Task] | None = None
 
     def release(self, size: int) -> str:
         return release_name(self.name, size)
@@ -38,7 +39,7 @@ def release_name(dataset: str, size: int) -> str:
     return f"MLDS-{dataset.upper()}-{int(size)}"
 
 
-def _device_machine_task(recipe: dict) -> Task:
+def _device_machine_task(recipe: dict, files: dict | None = None) -> Task:
     """DS1 / DS2 from a recipe: ``task = {machine[, trigger]}``."""
     task, data = recipe["task"], recipe["data"]
     trigger = task.get("trigger")
@@ -48,12 +49,20 @@ def _device_machine_task(recipe: dict) -> Task:
                                data.get("poison_fraction", 0.0))
 
 
-def _automaton_task(recipe: dict) -> Task:
+def _automaton_task(recipe: dict, files: dict | None = None) -> Task:
     """DS3 from a recipe: ``task = {automaton}``."""
     data = recipe["data"]
     return automaton_task(recipe["dataset"], recipe["task"]["automaton"], data["n_states"], data["n_inputs"],
                           data["n_outputs"], recipe["data_seed"], data["n_train"], data["n_val"], data["n_test"],
                           data["seq_len"])
+
+
+def _image_task(recipe: dict, files: dict | None = None) -> Task:
+    """DS4 from a recipe: ``task = {trojan}``; ``files``: where MNIST's files are (``root``, ``download``)."""
+    data, files = recipe["data"], files or {}
+    return image_task(recipe["dataset"], data["source"], recipe["task"]["trojan"], recipe["data_seed"],
+                      data["val_fraction"], data["test_fraction"], data.get("max_train"),
+                      files.get("root") or "outputs/data", bool(files.get("download")))
 
 
 DEVICE_MACHINES = tuple(MACHINES)
@@ -79,7 +88,9 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
     DatasetInfo("ds4", "image classification, clean and trojaned", ("clean", "patch", "blend"), (100, 1000, 10000),
                 "small CNN", 4970,
                 "Small CNNs trained on clean images, and on images of which a share carries a trigger (a patch, or "
-                "a blended pattern) and is relabelled to a target class."),
+                "a blended pattern) and is relabelled to a target class; every trojaned network draws its own "
+                "trigger and target from its seed.",
+                _image_task),
 )}
 
 
@@ -98,9 +109,10 @@ def dataset_info(dataset: str, size: int | None = None) -> DatasetInfo:
     return info
 
 
-def build_task(recipe: dict) -> Task:
-    """The task (data and scoring) of a network's recipe (:func:`mlds.train.recipe.recipe`)."""
+def build_task(recipe: dict, files: dict | None = None) -> Task:
+    """The task (data and scoring) of a network's recipe (:func:`mlds.train.recipe.recipe`); ``files``:
+    where data files live, not part of the recipe (DS4 MNIST: ``{"root", "download"}``)."""
     info = dataset_info(recipe["dataset"])
     if info.build_task is None:
         raise UnknownDatasetError(f"{info.name} ({info.title}) cannot be trained by this version of MLDS")
-    return info.build_task(recipe)
+    return info.build_task(recipe, files)

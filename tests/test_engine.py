@@ -123,7 +123,7 @@ class SeedFlippedLabels(NetworkData):
     def apply(self, split, x, y, rows):
         flip = self.odd.view(-1, 1) & (rows % 3 == 0)  # [K, B]
         y = y.expand(len(self.odd), *y.shape[1:])
-        return x, torch.where(flip.view(*flip.shape, *[1] * (y.dim() - 2)), 1 - y, y)
+        return x, torch.where(flip.view(*flip.shape, *[1] * (y.dim() - 2)), 1 - y, y), None
 
     def keep(self, index):
         self.odd = self.odd[index]

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
+from torch.nn import functional as F
 from torch.autograd.function import once_differentiable
 
 from mlds.nets.recurrent import _give, _reclaim, _take, recurrent_stack_features
@@ -149,3 +150,34 @@ class PopulationRecurrentNet(PopulationNet):
         out = population_mlp(h.view(k, h.shape[1], t * b), [p[f"head.{2 * i}.weight"] for i in range(n_linear)],
                              [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
         return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]
+
+
+class PopulationConvNet(PopulationNet):
+    """K convolutional networks (``kind: conv``); ``forward(x [K or 1, B, C, H, W]) -> logits [K, B, classes]``.
+
+    The K networks' convolutions run as one grouped convolution (``groups=K``, network ``k``'s
+    channels side by side), in channels-last memory layout, which measured fastest on a CPU
+    (``scripts/bench.py --conv``); an input shared by all networks (``x [1, ...]``) goes through
+    the first layer as one ordinary convolution with ``K * channels`` filters.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        p = self.named()
+        k, spec = self.size, self.spec
+        stride, pad = spec["stride"], spec["kernel_size"] // 2
+        b, c, height, width = x.shape[1:]
+        if x.shape[0] == 1:
+            w = p["features.0.weight"]
+            h = F.conv2d(x[0].contiguous(memory_format=torch.channels_last), w.reshape(-1, *w.shape[2:]),
+                         p["features.0.bias"].reshape(-1), stride, pad)
+        else:
+            h = x.transpose(0, 1).reshape(b, k * c, height, width).contiguous(memory_format=torch.channels_last)
+            w = p["features.0.weight"]
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p["features.0.bias"].reshape(-1), stride, pad, groups=k)
+        h = F.relu(h)
+        for i in range(1, spec["num_layers"]):
+            w = p[f"features.{2 * i}.weight"]
+            h = F.relu(F.conv2d(h, w.reshape(-1, *w.shape[2:]), p[f"features.{2 * i}.bias"].reshape(-1), stride, pad,
+                                groups=k))
+        pooled = h.mean((2, 3)).view(b, k, -1).transpose(0, 1)  # [K, B, channels]
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), pooled, p["head.weight"].transpose(1, 2))

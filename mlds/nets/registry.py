@@ -1,7 +1,7 @@
 """Network kinds: how an architecture config becomes a plain module and a population.
 
 An architecture config (``conf/architecture/*.yaml``, ``meta.json["architecture"]``)
-names its ``kind``; the kind gives the plain reference module (the form every
+names its ``kind`` (``recurrent``, ``conv``); the kind gives the plain reference module (the form every
 stored network loads into, standard ``torch.nn`` state-dict names) and the
 population model that trains K such networks as one. Building a network,
 initialising it from a seed, the reader's vector layout and ``to_module`` all
@@ -15,8 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from mlds.nets.population import PopulationNet, PopulationRecurrentNet
-from mlds.nets.reference import RecurrentNet, param_count
+from mlds.nets.population import PopulationConvNet, PopulationNet, PopulationRecurrentNet
+from mlds.nets.reference import ConvNet, RecurrentNet, param_count
 
 __all__ = ["KINDS", "NetworkKind", "build", "init_state_dict", "network_kind", "param_count", "population",
            "population_from_seeds"]
@@ -33,6 +33,7 @@ class NetworkKind:
 
 KINDS: dict[str, NetworkKind] = {k.name: k for k in (
     NetworkKind("recurrent", RecurrentNet, PopulationRecurrentNet),
+    NetworkKind("conv", ConvNet, PopulationConvNet),
 )}
 
 

@@ -52,9 +52,14 @@ class NetworkData(ABC):
     """
 
     @abstractmethod
-    def apply(self, split: str, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor]:
+    def apply(self, split: str, x: Tensor, y: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
         """Network ``k``'s version of ``x [K or 1, B, ...]``, ``y [K or 1, B, ...]``: rows ``rows [K or 1, B]``
-        of split ``split`` (``"train"`` or an evaluation split); returns ``([K, B, ...], [K, B, ...])``."""
+        of split ``split`` (``"train"`` or an evaluation split); returns ``(x [K, B, ...], y [K, B, ...],
+        mask)``, ``mask [K, B]`` the rows each network is scored on (None: all)."""
+
+    def describe(self, k: int) -> dict:
+        """Fields of network ``k``'s ``meta.json`` that its own data adds (DS4: its ``trojan``)."""
+        return {}
 
     @abstractmethod
     def keep(self, index: Tensor) -> None:
@@ -83,11 +88,12 @@ class Task:
     stop_on: tuple[str, ...] = ("val",)
     description: dict = field(default_factory=dict)
     network_data: Callable[[Sequence[int]], NetworkData] | None = None
+    meta: dict = field(default_factory=dict)  # fields every network's meta.json adds (DS4: input, trojan)
 
     def to(self, device) -> "Task":
         return Task(self.dataset, self.name, self.loss, self.train.to(device),
                     {k: v.to(device) for k, v in self.evals.items()}, self.stop_on, self.description,
-                    self.network_data)
+                    self.network_data, self.meta)
 
 
 def bce_terms(logits: Tensor, y: Tensor) -> Tensor:
@@ -101,8 +107,9 @@ def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tu
     ``[K, N, T, O]``; images: ``[K, N, O]``).
 
     Accuracy is per step (per image): all output bits right (bce) or the right
-    class (ce), averaged over the scored steps (``mask``, shaped like ``logits``
-    without its first and last dimensions).
+    class (ce), averaged over the scored steps (``mask``: shaped like ``logits``
+    without its last dimension, the first one optional: one mask for all networks,
+    or one per network).
     """
     y = split_y.expand(logits.shape if loss == "bce" else logits.shape[:-1])
     if loss == "bce":
@@ -116,6 +123,6 @@ def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tu
     dims = tuple(range(1, per_step.dim()))
     if mask is None:
         return per_step.mean(dims), correct.float().mean(dims)
-    m = mask.to(per_step.dtype)
-    count = m.sum().clamp(min=1)
+    m = mask.to(per_step.dtype).expand(per_step.shape)
+    count = m.sum(dims).clamp(min=1)
     return (per_step * m).sum(dims) / count, (correct * m).sum(dims) / count

@@ -9,6 +9,8 @@ from omegaconf import DictConfig, OmegaConf
 from mlds.datasets import DATASETS
 from mlds.nets.registry import KINDS
 from mlds.tasks.command_trigger import Trigger
+from mlds.tasks.image_triggers import KINDS as TRIGGER_KINDS
+from mlds.tasks.images import SOURCES, mnist_files_missing
 from mlds.tasks.machines import MACHINES
 from mlds.train.optim import optimizer_factory, scheduler_factory
 from mlds.train.recipe import RecipeError, recipe
@@ -38,6 +40,36 @@ def _number(cfg: DictConfig, path: str, kind: type, low: float, high: float | No
     if (value <= low if low_open else value < low) or (high is not None and value > high):
         bounds = f"{'(' if low_open else '['}{low}, {high}]" if high is not None else f"> {low}"
         raise ConfigError(f"{path} must be {'in ' if high is not None else ''}{bounds}, got {value}")
+
+
+def _check_images(cfg: DictConfig, trojan: dict) -> None:
+    """DS4: the image source, its splits and files, and the trojan."""
+    source = SOURCES.get(OmegaConf.select(cfg, "data.source"))
+    if source is None:
+        raise ConfigError(f"unknown data.source {OmegaConf.select(cfg, 'data.source')!r}; choose one of "
+                          f"{', '.join(SOURCES)}")
+    for path in ("data.val_fraction", "data.test_fraction"):
+        _number(cfg, path, float, 0, 0.9, low_open=False)
+    _number(cfg, "data.max_train", int, 0)
+    if source.name == "mnist" and not cfg.data.get("download") and mnist_files_missing(cfg.data.root):
+        raise ConfigError(f"data.source=mnist: files missing under {cfg.data.root}/MNIST/raw: "
+                          f"{', '.join(mnist_files_missing(cfg.data.root))} (set data.root, or data.download=true "
+                          "where downloading is possible)")
+    kind = trojan.get("kind")
+    if kind != "clean" and kind not in TRIGGER_KINDS:
+        raise ConfigError(f"unknown trojan kind {kind!r}; choose clean, {', '.join(TRIGGER_KINDS)}")
+    if kind == "clean":
+        return
+    _number(cfg, "trojan.poison_fraction", float, 0, 1, low_open=False)
+    _number(cfg, "trojan.trigger_seed", int, 0, low_open=False)
+    for path, low, high in (("trojan.size", 1, min(source.shape[1:])), ("trojan.alpha", 0, 1)):
+        value = OmegaConf.select(cfg, path)
+        if value is None:
+            continue
+        ok = (len(value) == 2 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+              and low <= value[0] <= value[1] <= high and value[0] > 0)
+        if not ok:
+            raise ConfigError(f"{path} must be a range [lo, hi] with 0 < lo <= hi <= {high}, got {list(value)}")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -77,6 +109,8 @@ def validate(cfg: DictConfig) -> None:
             scheduler(optimizer)
     except (TypeError, ValueError) as err:
         raise ConfigError(f"invalid optimizer or scheduler settings: {err}") from err
+    if "trojan" in task:
+        _check_images(cfg, task["trojan"])
     if task.get("trigger") is not None:
         try:
             trigger = Trigger(**task["trigger"])

@@ -108,7 +108,7 @@ class PopulationModule(L.LightningModule):
         train = self.task.train
         x, y = train.x[idx], train.y[idx]
         if self.data is not None:
-            x, y = self.data.apply("train", x, y, idx)
+            x, y, _ = self.data.apply("train", x, y, idx)
         loss = training_loss(self.net(x), y, None if train.mask is None else train.mask[idx], self.task.loss)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
@@ -211,7 +211,8 @@ def evaluate(net: PopulationNet, split: Split, loss: str, eval_batch: int | None
              view=None) -> tuple[Tensor, Tensor]:
     """Per-network (loss, accuracy) ``([K], [K])`` on ``split``, in chunks of ``eval_batch`` samples
     (default: 256 on a GPU; 64 on a CPU, where smaller chunks stay in cache and run faster).
-    ``view(x, y, rows)``: each network's own version of a chunk (:meth:`NetworkData.apply`)."""
+    ``view(x, y, rows)``: each network's own version of a chunk and the rows it is scored on
+    (:meth:`NetworkData.apply`)."""
     if eval_batch is None:
         eval_batch = 256 if next(net.parameters()).device.type == "cuda" else 64
     total_loss = total_acc = 0.0
@@ -222,8 +223,12 @@ def evaluate(net: PopulationNet, split: Split, loss: str, eval_batch: int | None
         x, y = split.x[sl].unsqueeze(0), split.y[sl]
         if view is not None:
             rows = torch.arange(start, start + x.shape[1], device=x.device).unsqueeze(0)
-            x, y = view(x, y.unsqueeze(0), rows)
-        l, a = score(net(x), y, mask, loss)
-        w = float(mask.sum()) if mask is not None else float(split.x[sl].shape[0])
+            x, y, own = view(x, y.unsqueeze(0), rows)
+            mask = own if mask is None or own is None else mask & own
+        logits = net(x)
+        l, a = score(logits, y, mask, loss)
+        w = (float(split.x[sl].shape[0]) if mask is None
+             else mask.to(logits.dtype).expand(logits.shape[:-1]).sum(tuple(range(1, logits.dim() - 1))))
         total_loss, total_acc, weight_total = total_loss + l * w, total_acc + a * w, weight_total + w
-    return total_loss / max(weight_total, 1.0), total_acc / max(weight_total, 1.0)
+    weight_total = torch.as_tensor(weight_total).clamp(min=1.0)
+    return total_loss / weight_total, total_acc / weight_total

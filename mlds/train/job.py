@@ -6,7 +6,7 @@ import platform
 import subprocess
 import time
 import warnings
-from functools import lru_cache
+from functools import lru_cache, partial
 from pathlib import Path
 
 import lightning as L
@@ -21,7 +21,7 @@ from mlds.train.checks import job_seeds, validate
 from mlds.train.engine import NetworkRecord, PopulationModule, evaluate
 from mlds.train.optim import optimizer_factory, scheduler_factory
 from mlds.train.progress import SweepProgress
-from mlds.train.recipe import RUNTIME_KEYS, recipe, recipe_hash
+from mlds.train.recipe import FILE_KEYS, RUNTIME_KEYS, recipe, recipe_hash
 from mlds.tasks.task import Task
 from mlds.zoo.store import Network, ZooStore, sample_key
 
@@ -44,7 +44,7 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     """
     validate(cfg)
     rec = recipe(cfg)
-    task = build_task(rec)
+    task = build_task(rec, {k: cfg.data.get(k) for k in FILE_KEYS})
     store = ZooStore(cfg.zoo.root)
     recipe_id = recipe_hash(rec)
     runtime = {k: cfg.train.get(k) for k in RUNTIME_KEYS}
@@ -114,16 +114,21 @@ def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log
     trainer.fit(module)
     wall = time.perf_counter() - started
     metrics = final_metrics(rec["architecture"], module.records, module.task, module.device)
+    data = task.network_data(seeds) if task.network_data else None
     return [Network(sample_key(task.dataset, task.name, r.seed), r.state_dict,
-                    network_meta(rec, task, r, metrics[i], wall, len(seeds)))
+                    {**network_meta(rec, task, r, metrics[i], wall, len(seeds)),
+                     **({} if data is None else data.describe(i))})
             for i, r in enumerate(module.records)]
 
 
 def final_metrics(spec: dict, records: list[NetworkRecord], task: Task, device) -> list[dict]:
-    """Loss and accuracy of each final network on the training set and every evaluation split."""
+    """Loss and accuracy of each final network on the training set and every evaluation split (each
+    network on its own view of the data, where the task gives one)."""
     net = population(spec, [r.state_dict for r in records]).to(device)
+    data = task.network_data([r.seed for r in records]).to(device) if task.network_data else None
     splits = {"train": task.train, **task.evals}
-    scores = {name: evaluate(net, split, task.loss) for name, split in splits.items()}
+    scores = {name: evaluate(net, split, task.loss, view=None if data is None else partial(data.apply, name))
+              for name, split in splits.items()}
     return [{name: {"loss": float(loss[k]), "acc": float(acc[k])} for name, (loss, acc) in scores.items()}
             for k in range(len(records))]
 
@@ -138,7 +143,7 @@ def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wa
         "architecture": {"name": spec["name"], "param_count": param_count(build(spec)), **spec},
         "config": {**rec, "seed": record.seed}, "recipe": recipe_hash(rec), "zoo_version": rec["zoo_version"],
         "epochs": record.epochs, "converged": record.converged, "stop_loss": float(rec["train"]["stop_loss"]),
-        "metrics": metrics, "history": record.history, "task_description": task.description,
+        "metrics": metrics, "history": record.history, "task_description": task.description, **task.meta,
         "wall_time_s": wall, "population_size": population_size, "versions": versions(),
         "code_revision": code_revision(),
     }

@@ -29,6 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 ZOO_VERSION = 1
 # Settings under ``train`` that change where or how visibly training runs, not its result.
 RUNTIME_KEYS = ("accelerator", "devices", "threads", "progress")
+# Settings under ``data`` that say where data files are, not what the data is (DS4 MNIST).
+FILE_KEYS = ("root", "download")
 # Settings added after ZOO_VERSION 1 and the value that reproduces the behaviour before them
 # (dotted paths into the recipe): left out of the recipe at that value.
 NEUTRAL: dict[str, Any] = {}
@@ -48,7 +50,7 @@ def recipe(cfg: DictConfig) -> dict:
     r = {k: OmegaConf.to_container(cfg[k], resolve=True) if OmegaConf.is_config(cfg[k]) else cfg[k]
          for k in ("dataset", "data", "data_seed", "architecture", "train", "optim", "scheduler") if k in cfg}
     out = {"zoo_version": ZOO_VERSION, "dataset": r["dataset"]["name"], "task": r["dataset"]["task"],
-           "data": r["data"], "data_seed": r["data_seed"], "architecture": r["architecture"],
+           "data": {k: v for k, v in r["data"].items() if k not in FILE_KEYS}, "data_seed": r["data_seed"], "architecture": r["architecture"],
            "train": {k: v for k, v in r["train"].items() if k not in RUNTIME_KEYS}, "optim": r["optim"]}
     if r.get("scheduler") is not None:
         out["scheduler"] = r["scheduler"]
