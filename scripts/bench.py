@@ -5,13 +5,13 @@
     python scripts/bench.py --dataset ds3 --quick    # under two minutes
 
 Both sides train networks of the dataset's default task (ds1: single_direct;
-ds3: automaton 0) under the default protocol (the project's Hydra defaults:
+ds3: automaton 0; ds4: clean digits) under the default protocol (the project's Hydra defaults:
 data, architecture, Adam, batch size; validation after every epoch) for a
 fixed number of optimizer steps per network; nothing stops early.
 
 (A) The baseline: one network per process, the idiomatic way — a
-    LightningModule around :class:`mlds.nets.reference.RecurrentNet`
-    (``nn.GRU``/``nn.LSTM``), a shuffling ``DataLoader`` and its own
+    LightningModule around the plain module (:mod:`mlds.nets.reference`:
+    ``nn.GRU``/``nn.LSTM``/``nn.Conv2d``), a shuffling ``DataLoader`` and its own
     ``L.Trainer(max_steps=N)`` per network; as many worker processes as cores,
     one thread each.
 (B) The population engine (:class:`mlds.train.engine.PopulationModule`, the code a
@@ -54,8 +54,12 @@ DEFAULTS = {  # default protocol: steps per network; population sizes to try on 
     "ds3": dict(steps=64, quick_steps=32, sizes=[2, 4, 8, 16], quick_sizes=[4, 8],
                 gpu_sizes=[64, 256, 1024], quick_gpu_sizes=[64, 256], baseline_networks=4,
                 quick_baseline_networks=2),
+    "ds4": dict(steps=256, quick_steps=64, sizes=[16, 32, 64, 128], quick_sizes=[16, 64],
+                gpu_sizes=[1024, 4096, 16384], quick_gpu_sizes=[1024, 4096], baseline_networks=4,
+                quick_baseline_networks=2),
 }
-TASK_OVERRIDES = {"ds1": ["dataset=ds1", "machine=single_direct"], "ds3": ["dataset=ds3", "automaton=0"]}
+TASK_OVERRIDES = {"ds1": ["dataset=ds1", "machine=single_direct"], "ds3": ["dataset=ds3", "automaton=0"],
+                  "ds4": ["dataset=ds4", "trojan=none"]}  # ds4: the clean task, the same work on both sides
 
 _W: dict = {}  # per worker process: config, task, barrier
 
@@ -131,7 +135,7 @@ def _trainer(steps: int, timer, accelerator: str = "cpu"):
                      num_sanity_val_steps=0, callbacks=[timer])
 
 
-# ---- (A) one network per process: a plain LightningModule around nn.GRU / nn.LSTM --------------
+# ---- (A) one network per process: a plain LightningModule around the plain module --------------
 def _plain_module_class():
     import lightning as L
     import torch
@@ -140,7 +144,7 @@ def _plain_module_class():
     from mlds.nets.registry import build
 
     class PlainModule(L.LightningModule):
-        """One ``RecurrentNet`` (``nn.GRU``/``nn.LSTM`` + MLP head), Adam, BCE or CE."""
+        """One plain network (``nn.GRU``/``nn.LSTM``/``nn.Conv2d`` + linear layers), Adam, BCE or CE."""
 
         def __init__(self, spec: dict, seed: int, loss: str, lr: float):
             super().__init__()
@@ -151,7 +155,7 @@ def _plain_module_class():
         def loss(self, logits, y):
             if self.loss_kind == "bce":
                 return F.binary_cross_entropy_with_logits(logits, y)
-            return F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            return F.cross_entropy(logits.flatten(0, -2), y.flatten())
 
         def training_step(self, batch, batch_idx):
             x, y = batch

@@ -13,7 +13,7 @@ from torch import nn
 from conftest import compose_train
 from mlds.datasets import build_task
 from mlds.nets.registry import build, param_count, population_from_seeds
-from mlds.tasks.image_triggers import TrojanData, draw_trigger, network_trigger
+from mlds.tasks.image_triggers import draw_trigger, network_trigger
 from mlds.tasks.images import image_task
 from mlds.train.job import population_module, train_job
 from mlds.train.recipe import recipe
@@ -231,3 +231,25 @@ def test_stored_network_reproduces_clean_accuracy_and_asr_from_meta_alone(tmp_pa
         assert asr == pytest.approx(meta["metrics"]["test_trigger"]["acc"], abs=1e-6)
         assert trojan["kind"] == "blend" and trojan["n_poisoned"] == round(0.1 * meta["task_description"]["n_train"])
         assert meta["config"]["task"]["trojan"]["kind"] == "blend" and meta["task"] == "blend"
+
+
+def test_reader_builds_the_plain_conv_module(tmp_path):
+    from mlds.zoo.reader import ZooDataset, to_module
+
+    root = tmp_path / "zoo"
+    train_job(compose_train(*TINY4, "trojan=patch", "seeds=[1]", f"zoo.root={root}"))
+    ds = ZooDataset(root)
+    net = to_module(ds.network(0))
+    assert isinstance(net.features[0], nn.Conv2d) and param_count(net) == 4970
+    assert ds[0][0].shape == (4970,)
+
+
+@pytest.mark.slow
+def test_paired_clean_and_trojaned_zoo_from_one_command(tmp_path):
+    from conftest import run_train
+
+    root = tmp_path / "zoo"
+    run_train("-m", "dataset=ds4", "trojan=glob(*)", "seed=range(0,2)", "train.max_epochs=1", "train.progress=false",
+              f"zoo.root={root}")
+    keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in root.rglob("*.tar")), shardshuffle=False)}
+    assert keys == {f"ds4-{t}-{s:06d}" for t in ("clean", "patch", "blend") for s in range(2)}

@@ -157,9 +157,11 @@ class PopulationConvNet(PopulationNet):
 
     The K networks' convolutions run as one grouped convolution (``groups=K``, network ``k``'s
     channels side by side), in channels-last memory layout, which measured fastest on a CPU
-    (``scripts/bench.py --conv``); an input shared by all networks (``x [1, ...]``) goes through
+    (``scripts/bench_conv.py``); an input shared by all networks (``x [1, ...]``) goes through
     the first layer as one ordinary convolution with ``K * channels`` filters.
     """
+
+    memory_format = torch.channels_last  # of the activations; scripts/bench_conv.py compares the default layout
 
     def forward(self, x: Tensor) -> Tensor:
         p = self.named()
@@ -168,10 +170,10 @@ class PopulationConvNet(PopulationNet):
         b, c, height, width = x.shape[1:]
         if x.shape[0] == 1:
             w = p["features.0.weight"]
-            h = F.conv2d(x[0].contiguous(memory_format=torch.channels_last), w.reshape(-1, *w.shape[2:]),
+            h = F.conv2d(x[0].contiguous(memory_format=self.memory_format), w.reshape(-1, *w.shape[2:]),
                          p["features.0.bias"].reshape(-1), stride, pad)
         else:
-            h = x.transpose(0, 1).reshape(b, k * c, height, width).contiguous(memory_format=torch.channels_last)
+            h = x.transpose(0, 1).reshape(b, k * c, height, width).contiguous(memory_format=self.memory_format)
             w = p["features.0.weight"]
             h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p["features.0.bias"].reshape(-1), stride, pad, groups=k)
         h = F.relu(h)

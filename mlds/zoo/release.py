@@ -288,6 +288,8 @@ def _protocol(metas: dict) -> list[dict]:
         ("WRITE probability", ("data", "write_prob")), ("poisoned share of training sequences",
                                                          ("data", "poison_fraction")),
         ("trigger", ("task", "trigger", "commands")), ("automaton states", ("data", "n_states")),
+        ("image source", ("data", "source")), ("poisoned share of training images", ("task", "trojan", "poison_fraction")),
+        ("trigger drawn per network from its seed", ("task", "trojan", "randomize")),
         ("data_seed (training set shared by all networks of a task)", ("data_seed",)),
     ]
     settings = []
