@@ -82,7 +82,8 @@ def task_rows(ds, which: str) -> list[list[str]]:
         share = f" ({100 * t.converged / t.stored:.0f}%)" if t.stored else ""
         note = "" if t in ds.tasks else " (not a release task)"
         rows.append([t.task + note, str(t.stored), f"{t.converged}{share}",
-                     ", ".join(f"{r} x{n}" for r, n in t.recipes.items()) or "-", str(t.conflicts)])
+                     (", ".join(f"{r} x{n}" for r, n in t.recipes.items()) or "-")
+                     + (f" ({', '.join(t.sources)})" if t.sources else ""), str(t.conflicts)])
     return rows
 
 
@@ -140,6 +141,7 @@ def as_json(status: ZooStatus) -> dict:
             "datasets": {ds.info.name: {
                 "releases": {ds.info.release(n): {"done": ds.done(n), "target": ds.target(n)} for n in ds.info.sizes},
                 "tasks": {t.task: {"stored": t.stored, "converged": t.converged, "recipes": t.recipes,
+                                   "sources": t.sources,
                                    "conflicts": t.conflicts} for t in [*ds.tasks, *ds.extra_tasks] if t.stored},
             } for ds in status.datasets}}
 

@@ -242,6 +242,9 @@ def test_reader_builds_the_plain_conv_module(tmp_path):
     net = to_module(ds.network(0))
     assert isinstance(net.features[0], nn.Conv2d) and param_count(net) == 4970
     assert ds[0][0].shape == (4970,)
+    from mlds.zoo.release import zoo_status
+    patch = {t.task: t for t in zoo_status(root, ["ds4"]).datasets[0].tasks}["patch"]
+    assert patch.stored == 1 and patch.sources == {"digits": 1}  # status says which source
 
 
 @pytest.mark.slow

@@ -50,6 +50,7 @@ class TaskStatus:
     converged: int
     recipes: dict[str, int]
     conflicts: int
+    sources: dict[str, int] = field(default_factory=dict)  # DS4: networks per image source
 
 
 @dataclass
@@ -103,7 +104,8 @@ def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verif
             nets = catalog.networks.get((name, task), {})
             return TaskStatus(task, len(nets), sum(e.converged for e in nets.values()),
                               dict(Counter(e.recipe for e in nets.values())),
-                              sum(e.key in catalog.conflicts for e in nets.values()))
+                              sum(e.key in catalog.conflicts for e in nets.values()),
+                              dict(Counter(e.source for e in nets.values() if e.source)))
 
         known = [task_status(t) for t in info.tasks]
         extra = [task_status(t) for t in catalog.tasks(name) if t not in info.tasks]

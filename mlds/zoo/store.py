@@ -57,7 +57,7 @@ META = "meta.json"
 REQUIRED = (WEIGHTS, META)
 INDEX_DIR = ".index"
 QUARANTINE_DIR = ".quarantine"
-INDEX_VERSION = 1
+INDEX_VERSION = 2
 _BLOCK = 512
 
 
@@ -308,6 +308,7 @@ class Entry:
     meta_size: int
     metrics: dict = field(default_factory=dict)
     shard: str = ""
+    source: str | None = None  # image source of a DS4 network (meta.json input.source)
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -462,7 +463,8 @@ def scan_shard(shard: str | os.PathLike, verify: bool = False) -> ShardIndex:
                                  recipe=str(meta.get("recipe", "")), converged=bool(meta.get("converged", False)),
                                  epochs=meta.get("epochs"), weights_sha256=digest, weights_offset=w_offset,
                                  weights_size=w_size, meta_offset=meta_offset, meta_size=meta_size,
-                                 metrics=meta.get("metrics") or {}, shard=path))
+                                 metrics=meta.get("metrics") or {}, shard=path,
+                                 source=(meta.get("input") or {}).get("source")))
     return ShardIndex(Path(path), os.path.getsize(path), entries)
 
 
