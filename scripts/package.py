@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     v = sub.add_parser("verify", help="check a package against its manifest and read every sample")
     v.add_argument("package", help="package folder (holds manifest.json)")
     v.add_argument("--quiet", action="store_true", help="no progress bar")
+    v.add_argument("--retrain", type=int, default=0, metavar="N",
+                   help="also train N networks drawn at random again from their meta.json and compare "
+                        "(scripts/reproduce.py)")
     return p.parse_args(argv)
 
 
@@ -117,6 +120,10 @@ def verify(args, console: Console) -> int:
             bar.stop()
     if report.ok:
         print(f"OK {package}: {report.shards} shards match manifest.json, {report.networks} networks read")
+        if args.retrain:
+            from mlds.train.reproduce import check
+
+            return check(str(package), [], args.retrain, 0, "cpu", None, Console(width=200))
         return 0
     print(f"FAILED {package}: {len(report.problems)} problems ({report.shards} shards, {report.networks} "
           "networks read)")

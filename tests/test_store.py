@@ -218,10 +218,13 @@ def test_loading_never_unpickles(tmp_path, monkeypatch):
         writer.write({"__key__": sample["__key__"], "meta.json": sample["meta.json"],
                       "weights.safetensors": sample["weights.safetensors"], "pyd": pickle.dumps(_Boom()),
                       "pth": pickle.dumps(_Boom())})
-    list(read_shard(evil))
-    scan_shard(evil, verify=True)
-    list(webdataset(evil))
-    ZooDataset(tmp_path / "zoo", on_conflict="first")[0]
+    for read in (lambda: list(read_shard(evil)), lambda: scan_shard(evil, verify=True),
+                 lambda: list(webdataset(evil))):
+        with pytest.raises(CorruptShardError, match="members MLDS does not write: pth, pyd"):
+            read()
+    zoo = ZooDataset(tmp_path / "zoo", skip_corrupt=True)  # the sound shard stays readable
+    zoo[0]
+    assert [e.path for e in zoo.corrupt] == [str(evil)]
     assert not flag.exists()
 
 

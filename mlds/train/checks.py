@@ -87,6 +87,10 @@ def validate(cfg: DictConfig) -> None:
     _number(cfg, "scheduler.gamma", float, 0, 1)
     for path in ("data.poison_fraction", "data.write_prob"):
         _number(cfg, path, float, 0, 1, low_open=False)
+    snapshots = OmegaConf.select(cfg, "train.snapshots") or []
+    if any(isinstance(e, bool) or not isinstance(e, int) or not 0 <= e <= cfg.train.max_epochs for e in snapshots):
+        raise ConfigError(f"train.snapshots must be epochs from 0 to train.max_epochs={cfg.train.max_epochs}, "
+                          f"got {list(snapshots)}")
     seeds = job_seeds(cfg)
     if any(s < 0 for s in seeds):
         raise ConfigError(f"seeds must be non-negative, got {seeds}")

@@ -15,6 +15,7 @@ GPU). See ``scripts/bench.py`` for the measurement.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -46,13 +47,15 @@ class NetworkRecord:
     epochs: int = 0
     converged: bool = False
     history: dict[str, list[float]] = field(default_factory=dict)
+    snapshots: dict[int, dict[str, Tensor]] = field(default_factory=dict)  # epoch -> weights after it
 
 
 class PopulationModule(L.LightningModule):
     """Trains the population ``net`` (network ``k`` has seed ``seeds[k]``) on ``task``."""
 
     def __init__(self, net: PopulationNet, task: Task, seeds: list[int], optimizer: partial,
-                 batch_size: int, stop_loss: float, eval_batch: int | None = None, scheduler: partial | None = None):
+                 batch_size: int, stop_loss: float, eval_batch: int | None = None, scheduler: partial | None = None,
+                 snapshots: Sequence[int] = ()):
         super().__init__()
         if net.size != len(seeds):
             raise ValueError(f"population of {net.size} networks for {len(seeds)} seeds")
@@ -67,6 +70,7 @@ class PopulationModule(L.LightningModule):
         self.eval_batch = None if eval_batch is None else int(eval_batch)
         self.active = list(range(len(self.seeds)))  # positions in seeds of the networks still training
         self.records = [NetworkRecord(s) for s in self.seeds]
+        self.snapshot_epochs = {int(e) for e in snapshots}  # weights kept after these epochs (0: the start)
         # each network's own view of the data (None: all networks see the task's data as it is)
         self.data: NetworkData | None = task.network_data(self.seeds) if task.network_data else None
 
@@ -88,6 +92,10 @@ class PopulationModule(L.LightningModule):
         self.task = self.task.to(self.device)
         if self.data is not None:
             self.data = self.data.to(self.device)
+
+    def on_fit_start(self) -> None:
+        if 0 in self.snapshot_epochs and self.current_epoch == 0:
+            self.snapshot(0)
 
     def train_dataloader(self) -> DataLoader:
         n_batches = -(-len(self.task.train) // self.batch_size)
@@ -136,6 +144,8 @@ class PopulationModule(L.LightningModule):
             if all(loss[j] < self.stop_loss for loss, _ in val.values()):
                 record.converged = True
                 stopped.append(j)
+        if self.current_epoch + 1 in self.snapshot_epochs:
+            self.snapshot(self.current_epoch + 1)
         self.log("active", float(len(self.active)), prog_bar=True)
         self.log("val_loss_median", float(np.median(val[self.task.stop_on[0]][0])), prog_bar=True)
         if stopped:
@@ -153,6 +163,14 @@ class PopulationModule(L.LightningModule):
         clear_buffers()
 
     # ---- population bookkeeping ------------------------------------------------------------
+    @torch.no_grad()
+    def snapshot(self, epoch: int) -> None:
+        """Keep the weights of every active network as they are after ``epoch`` epochs: one copy of
+        the stacked parameters to the host, once per snapshot epoch (no sync inside an epoch)."""
+        stacked = {name: p.detach().to("cpu", copy=True) for name, p in self.net.named().items()}
+        for j, i in enumerate(self.active):
+            self.records[i].snapshots[epoch] = {name: t[j] for name, t in stacked.items()}
+
     def retire(self, positions: list[int]) -> None:
         """Store the weights of the active networks at ``positions`` and drop them from training."""
         for j in positions:

@@ -87,19 +87,22 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     return shards
 
 
-def population_module(rec: dict, task: Task, seeds: list[int]) -> PopulationModule:
-    """The population engine for networks ``seeds`` of recipe ``rec``, each at its initial weights."""
+def population_module(rec: dict, task: Task, seeds: list[int], snapshots=()) -> PopulationModule:
+    """The population engine for networks ``seeds`` of recipe ``rec``, each at its initial weights;
+    ``snapshots``: epochs after which to keep every network's weights (0: the initial weights)."""
     spec, train = rec["architecture"], rec["train"]
     return PopulationModule(population_from_seeds(spec, seeds), task, seeds, optimizer_factory(rec["optim"]),
-                            train["batch_size"], train["stop_loss"], scheduler=scheduler_factory(rec.get("scheduler")))
+                            train["batch_size"], train["stop_loss"], scheduler=scheduler_factory(rec.get("scheduler")),
+                            snapshots=snapshots)
 
 
 def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log_dir: str | None = None
                      ) -> list[Network]:
     """Train networks ``seeds`` of recipe ``rec`` (its task ``task``) together; returns them with their
-    metadata. ``runtime``: where and how visibly (``accelerator``, ``devices``, ``progress``)."""
+    metadata. ``runtime``: where and how visibly (``accelerator``, ``devices``, ``progress``) and which
+    ``snapshots`` to keep (epochs; they do not change a network, so they are not in its recipe)."""
     started = time.perf_counter()
-    module = population_module(rec, task, seeds)
+    module = population_module(rec, task, seeds, runtime.get("snapshots") or ())
     # Under SLURM, Lightning's default SLURMEnvironment would catch SIGUSR1, write hpc_ckpt_*.ckpt into
     # default_root_dir (the working directory) and requeue, and every later fit() started there would restore
     # that checkpoint, whatever its population: a plain environment and the job's own folder prevent both.
@@ -116,8 +119,10 @@ def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log
     metrics = final_metrics(rec["architecture"], module.records, module.task, module.device)
     data = task.network_data(seeds) if task.network_data else None
     return [Network(sample_key(task.dataset, task.name, r.seed), r.state_dict,
-                    {**network_meta(rec, task, r, metrics[i], wall, len(seeds)),
-                     **({} if data is None else data.describe(i))})
+                    {**network_meta(rec, task, r, metrics[i], wall, seeds, module.device.type),
+                     **({} if data is None else data.describe(i))},
+                    {f"epoch_{e:04d}/{name}": t for e, sd in sorted(r.snapshots.items()) for name, t in sd.items()}
+                    or None)
             for i, r in enumerate(module.records)]
 
 
@@ -133,10 +138,11 @@ def final_metrics(spec: dict, records: list[NetworkRecord], task: Task, device) 
             for k in range(len(records))]
 
 
-def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wall: float, population_size: int
-                 ) -> dict:
+def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wall: float, population: list[int],
+                 device: str) -> dict:
     """The ``meta.json`` of one network (SPEC: what one zoo sample holds); ``config`` is its recipe
-    and seed, enough to train it again."""
+    and seed, enough to train it again; ``population``: the seeds it was trained with, in order
+    (training them together again gives it bit for bit on the same software and device type)."""
     spec = rec["architecture"]
     return {
         "dataset": task.dataset, "task": task.name, "seed": record.seed, "data_seed": int(rec["data_seed"]),
@@ -144,7 +150,8 @@ def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wa
         "config": {**rec, "seed": record.seed}, "recipe": recipe_hash(rec), "zoo_version": rec["zoo_version"],
         "epochs": record.epochs, "converged": record.converged, "stop_loss": float(rec["train"]["stop_loss"]),
         "metrics": metrics, "history": record.history, "task_description": task.description, **task.meta,
-        "wall_time_s": wall, "population_size": population_size, "versions": versions(),
+        "wall_time_s": wall, "population_size": len(population), "population": list(population),
+        "snapshots": sorted(record.snapshots), "device": device, "versions": versions(),
         "code_revision": code_revision(),
     }
 

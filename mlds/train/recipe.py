@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 # Bump when training the same recipe gives different networks than before.
 ZOO_VERSION = 1
 # Settings under ``train`` that change where or how visibly training runs, not its result.
-RUNTIME_KEYS = ("accelerator", "devices", "threads", "progress")
+RUNTIME_KEYS = ("accelerator", "devices", "threads", "progress", "snapshots")
 # Settings under ``data`` that say where data files are, not what the data is (DS4 MNIST).
 FILE_KEYS = ("root", "download")
 # Settings added after ZOO_VERSION 1 and the value that reproduces the behaviour before them

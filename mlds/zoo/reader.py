@@ -37,6 +37,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from mlds.nets.registry import build
+from mlds.zoo.splits import check_split, split_of
 from mlds.zoo.store import (CorruptShardError, Entry, Network, ZooStore, build_catalog, decode as _decode_sample, read_entry,
                         scan_shard, walk_shard)
 
@@ -178,15 +179,34 @@ def unflatten(vector: Tensor, layout: list[Slot]) -> dict[str, Tensor]:
     return {s.name: vector[s.start:s.stop].reshape(s.shape).clone() for s in layout}
 
 
-def to_module(sample: Network | dict | tuple) -> nn.Module:
+def snapshot_epochs(sample: Network | dict) -> list[int]:
+    """The epochs whose weights a network's sample holds (``meta.json["snapshots"]``; 0: the start)."""
+    meta = sample.meta if isinstance(sample, Network) else sample
+    return list(meta.get("snapshots") or [])
+
+
+def weights_at(network: Network, epoch: int) -> dict[str, Tensor]:
+    """The state dict of ``network`` after ``epoch`` epochs, from its snapshots (read with them:
+    :meth:`ZooDataset.network` ``(i, snapshots=True)``, or a raw sample through :func:`decode`)."""
+    if epoch not in snapshot_epochs(network):
+        raise KeyError(f"{network.key} has no snapshot of epoch {epoch}; it has {snapshot_epochs(network)}")
+    if network.snapshots is None:
+        raise ValueError(f"{network.key} was read without its snapshots")
+    prefix = f"epoch_{epoch:04d}/"
+    return {k[len(prefix):]: v for k, v in network.snapshots.items() if k.startswith(prefix)}
+
+
+def to_module(sample: Network | dict | tuple, epoch: int | None = None) -> nn.Module:
     """A ready plain PyTorch module (eval mode) of one network: ``build(meta['architecture'])`` plus
     ``load_state_dict(strict=True)``. Accepts a :class:`Network`, a raw WebDataset sample, or a
-    ``(weights or vector, meta)`` pair."""
+    ``(weights or vector, meta)`` pair; ``epoch``: the weights after that epoch (its snapshots)."""
     if isinstance(sample, dict):
         sample = decode(sample)
     if isinstance(sample, Network):
-        weights, meta = sample.weights, sample.meta
+        weights, meta = (sample.weights if epoch is None else weights_at(sample, epoch)), sample.meta
     else:
+        if epoch is not None:
+            raise ValueError("epoch= needs a Network or a raw sample (with its snapshots)")
         weights, meta = sample[0], sample[-1]
     module = build(meta["architecture"])
     if isinstance(weights, Tensor):
@@ -220,17 +240,23 @@ class ZooDataset(Dataset):
     raise ``ValueError`` unless ``on_conflict="first"`` (keep the copy of the
     first shard in path order). Corrupt shards raise unless
     ``skip_corrupt=True`` (then they are listed in :attr:`corrupt`).
+    ``snapshot=e``: the vectors are the weights after epoch ``e`` (a training snapshot), and only
+    networks with that snapshot are included (one that stopped earlier lacks the later ones).
+    ``split``: ``"train"``, ``"val"``, ``"test"`` (or several): only networks of that fixed benchmark
+    split, a function of the seed alone (:mod:`mlds.zoo.splits`: 50% test, 40% train, 10% val).
     Use ``collate_fn=mlds.zoo.reader.collate`` with a ``DataLoader``.
     """
 
     def __init__(self, source, *, datasets: Iterable[str] | None = None, tasks: Iterable[str] | None = None,
                  converged: bool | None = None, seeds=None, recipes: Iterable[str] | None = None,
                  where: Callable[[Entry], bool] | None = None, label: str | Callable[[dict], object] = "task",
-                 on_conflict: str = "error", skip_corrupt: bool = False, verify: bool = False):
+                 on_conflict: str = "error", skip_corrupt: bool = False, verify: bool = False,
+                 snapshot: int | None = None, split: str | Iterable[str] | None = None):
         if on_conflict not in ("error", "first"):
             raise ValueError(f"on_conflict must be 'error' or 'first', got {on_conflict!r}")
         if isinstance(label, str) and label not in ("task", "dataset", "converged", "seed"):
             raise ValueError(f"unknown label {label!r}")
+        keep_splits = check_split(split)
         paths = shard_paths(source)
         indexes, corrupt = [], []
         store = ZooStore(source) if not isinstance(source, (list, tuple)) and Path(source).is_dir() \
@@ -263,6 +289,10 @@ class ZooDataset(Dataset):
                     continue
                 if where is not None and not where(entry):
                     continue
+                if keep_splits is not None and split_of(entry.seed) not in keep_splits:
+                    continue
+                if snapshot is not None and snapshot not in entry.snapshot_epochs:
+                    continue
                 if entry.key in catalog.conflicts and on_conflict == "error":
                     shards = ", ".join(sorted({c.shard for c in catalog.conflicts[entry.key]}))
                     raise ValueError(f"{entry.key} is stored in different versions ({shards}); "
@@ -279,6 +309,8 @@ class ZooDataset(Dataset):
         self.datasets = sorted(by_dataset)
         self._task_index = {dt: i for i, dt in enumerate(order)}
         self.label = label
+        self.snapshot = snapshot
+        self.split = split
         self._layout: list[Slot] | None = None
         self._architecture: dict | None = None
 
@@ -295,8 +327,9 @@ class ZooDataset(Dataset):
             self._layout = weight_layout(self._architecture)
         return self._layout
 
-    def network(self, i: int) -> Network:
-        return read_entry(self.entries[i])
+    def network(self, i: int, snapshots: bool = False) -> Network:
+        """Network ``i`` (with ``snapshots``: its weights along training too, for :func:`weights_at`)."""
+        return read_entry(self.entries[i], snapshots=snapshots)
 
     def _label(self, entry: Entry, meta: dict):
         if callable(self.label):
@@ -311,12 +344,13 @@ class ZooDataset(Dataset):
 
     def __getitem__(self, i: int) -> tuple[Tensor, object, dict]:
         entry = self.entries[i]
-        net = read_entry(entry)
+        net = read_entry(entry, snapshots=self.snapshot is not None)
         layout = self.layout
         if net.meta["architecture"].get("name") != self._architecture.get("name"):
             raise ValueError(f"{entry.key} has architecture {net.meta['architecture'].get('name')}, "
                              f"the dataset {self._architecture.get('name')}; filter one dataset")
-        return flatten(net.weights, layout), self._label(entry, net.meta), net.meta
+        weights = net.weights if self.snapshot is None else weights_at(net, self.snapshot)
+        return flatten(weights, layout), self._label(entry, net.meta), net.meta
 
 
 def collate(batch: list[tuple[Tensor, object, dict]]) -> tuple[Tensor, object, list[dict]]:

@@ -26,7 +26,8 @@ import jinja2
 
 import mlds
 from mlds.datasets import DATASETS, DatasetInfo, dataset_info
-from mlds.zoo.store import CorruptShardError, Entry, ZooStore, build_catalog, read_raw, read_shard, sha256_file, write_tar
+from mlds.zoo.store import (META, SNAPSHOTS, WEIGHTS, CorruptShardError, Entry, ZooStore, build_catalog, read_raw,
+                            read_shard, sha256_file, write_tar)
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -195,10 +196,11 @@ def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | o
                 rel = f"shards/{info.name}-{task}-{n:06d}.tar"
                 samples = []
                 for entry in part:
-                    weights, meta_bytes = read_raw(entry)
+                    weights, meta_bytes, snapshots = read_raw(entry, snapshots=True)
                     if task not in metas:
                         metas[task] = json.loads(meta_bytes)
-                    samples.append({"__key__": entry.key, "weights.safetensors": weights, "meta.json": meta_bytes})
+                    samples.append({"__key__": entry.key, WEIGHTS: weights, META: meta_bytes,
+                                    **({SNAPSHOTS: snapshots} if snapshots is not None else {})})
                 write_tar(work / rel, samples, mtime=SHARD_MTIME)
                 shards.append({"path": rel, "task": task, "networks": len(part), "first": part[0].key,
                                "last": part[-1].key, "bytes": (work / rel).stat().st_size,
@@ -255,6 +257,7 @@ def _manifest(info: DatasetInfo, size: int, chosen: dict[str, list[Entry]], shar
         "created": datetime.now(timezone.utc).replace(microsecond=0).isoformat(),
         "created_by": f"mlds {mlds.__version__}", "source_root": str(Path(root).resolve()),
         "code_revisions": sorted({m.get("code_revision", "unknown") for m in metas.values()}),
+        "snapshot_epochs": sorted({e for entries in chosen.values() for x in entries for e in x.snapshot_epochs}),
     }
 
 
@@ -366,6 +369,7 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
         layout=layout, protocol=_protocol(metas),
         recipes=sorted({r for t in tasks.values() for r in t["recipes"]}),
         code_revisions=manifest["code_revisions"], first_task=next(iter(tasks)),
+        snapshot_epochs=manifest.get("snapshot_epochs") or [],
         citation=manifest["citation"], created_by=manifest["created_by"], created=manifest["created"])
 
 

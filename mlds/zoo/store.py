@@ -2,9 +2,11 @@
 
 Layout: ``<root>/<dataset>/<task>/<dataset>-<task>-<recipe>-<first seed>-<last seed>-<id>.tar``.
 One sample per network, key ``<dataset>-<task>-<seed:06d>``, entries
-``weights.safetensors`` (plain state dict) and ``meta.json``; ``meta.json``
-carries ``weights_sha256``, the SHA-256 of the ``weights.safetensors`` bytes,
-so that a damaged or differing copy of a network is recognised.
+``weights.safetensors`` (plain state dict), ``meta.json`` and optionally
+``snapshots.safetensors`` (weights along training, ``epoch_<EEEE>/<name>``); no
+other member is accepted. ``meta.json`` carries ``weights_sha256`` (and
+``snapshots_sha256``), the SHA-256 of those bytes, so that a damaged or
+differing copy of a network is recognised.
 
 Rules that keep the store from ever losing a network:
 
@@ -54,7 +56,9 @@ SHARD_SUFFIX = ".tar"
 PARTIAL_SUFFIX = ".partial"
 WEIGHTS = "weights.safetensors"
 META = "meta.json"
+SNAPSHOTS = "snapshots.safetensors"
 REQUIRED = (WEIGHTS, META)
+MEMBERS = (WEIGHTS, META, SNAPSHOTS)
 INDEX_DIR = ".index"
 QUARANTINE_DIR = ".quarantine"
 INDEX_VERSION = 2
@@ -93,11 +97,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
 
 @dataclass
 class Network:
-    """One zoo sample: plain state dict and metadata."""
+    """One zoo sample: plain state dict and metadata; ``snapshots``: weights along training
+    (``epoch_<EEEE>/<state-dict name>``), when stored and read."""
 
     key: str
     weights: dict[str, Tensor]
     meta: dict
+    snapshots: dict[str, Tensor] | None = None
 
 
 class CorruptShardError(RuntimeError):
@@ -117,7 +123,12 @@ def encode(net: Network) -> dict:
     """WebDataset sample dict of a network (``meta.json`` gains ``weights_sha256``)."""
     weights = save_safetensors({k: v.detach().contiguous() for k, v in net.weights.items()})
     meta = {**net.meta, "weights_sha256": sha256_bytes(weights)}
-    return {"__key__": net.key, WEIGHTS: weights, META: json.dumps(meta, sort_keys=True).encode()}
+    sample = {"__key__": net.key, WEIGHTS: weights}
+    if net.snapshots:
+        sample[SNAPSHOTS] = save_safetensors({k: v.detach().contiguous() for k, v in net.snapshots.items()})
+        meta["snapshots_sha256"] = sha256_bytes(sample[SNAPSHOTS])
+    sample[META] = json.dumps(meta, sort_keys=True).encode()
+    return sample
 
 
 def write_tar(path: Path, samples: Iterable[dict], mtime: float | None = None) -> int:
@@ -309,6 +320,9 @@ class Entry:
     metrics: dict = field(default_factory=dict)
     shard: str = ""
     source: str | None = None  # image source of a DS4 network (meta.json input.source)
+    snapshot_epochs: list[int] = field(default_factory=list)  # epochs in snapshots.safetensors
+    snapshots_offset: int | None = None
+    snapshots_size: int | None = None
 
     @property
     def identity(self) -> tuple[str, str]:
@@ -405,6 +419,10 @@ def _check_sample(path: str, key: str, members: dict) -> None:
     if missing:
         offset = min(o for o, _ in members.values()) if members else 0
         raise CorruptShardError(path, offset, f"sample {key} lacks {', '.join(missing)}")
+    unknown = sorted(e for e in members if e not in MEMBERS)
+    if unknown:
+        raise CorruptShardError(path, members[unknown[0]][0], f"sample {key} has members MLDS does not write: "
+                                f"{', '.join(unknown)} (a sample holds {', '.join(MEMBERS)})")
 
 
 def parse_meta(path: str, key: str, offset: int, data: bytes) -> dict:
@@ -425,25 +443,31 @@ def parse_meta(path: str, key: str, offset: int, data: bytes) -> dict:
     return meta
 
 
-def check_weights(path: str, key: str, offset: int, data: bytes, meta: dict) -> dict[str, Tensor]:
-    """Weights bytes of ``key`` checked against their digest and parsed (safetensors: never unpickles)."""
-    digest = meta.get("weights_sha256")
-    if digest is not None and sha256_bytes(data) != digest:
-        raise CorruptShardError(path, offset, f"weights of {key} do not match their SHA-256 in meta.json")
+def check_weights(path: str, key: str, offset: int, data: bytes, meta: dict, member: str = WEIGHTS
+                  ) -> dict[str, Tensor]:
+    """Weights bytes (``member``: weights or snapshots) of ``key`` checked against their digest in
+    ``meta.json`` and parsed (safetensors: never unpickles)."""
+    what = "weights" if member == WEIGHTS else "snapshots"
+    digest = meta.get(f"{what}_sha256")
+    if (digest is not None or member != WEIGHTS) and sha256_bytes(data) != digest:
+        raise CorruptShardError(path, offset, f"{what} of {key} do not match their SHA-256 in meta.json")
     try:
         return load_safetensors(data)
     except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CorruptShardError(path, offset, f"weights of {key} are not a valid safetensors file ({err})") from err
+        raise CorruptShardError(path, offset, f"{what} of {key} are not a valid safetensors file ({err})") from err
 
 
-def _checked_samples(path: str, stream) -> Iterator[tuple[str, dict, tuple[int, int], tuple[int, int]]]:
-    """``(key, meta, (weights offset, size), (meta offset, size))`` of each sample of an open
-    shard, in file order, with the tar structure and ``meta.json`` checked."""
+def _checked_samples(path: str, stream) -> Iterator[tuple[str, dict, dict[str, tuple[int, int]]]]:
+    """``(key, meta, {member: (offset, size)})`` of each sample of an open shard, in file order,
+    with the tar structure and ``meta.json`` checked."""
     for key, members in walk_shard(path):
         _check_sample(path, key, members)
         meta_offset, meta_size = members[META]
         meta = parse_meta(path, key, meta_offset, _read_at(stream, path, meta_offset, meta_size, f"{key}.{META}"))
-        yield key, meta, members[WEIGHTS], (meta_offset, meta_size)
+        if (SNAPSHOTS in members) != ("snapshots_sha256" in meta):
+            raise CorruptShardError(path, meta_offset, f"{key}: snapshots.safetensors and meta.json's "
+                                    "snapshots_sha256 must come together")
+        yield key, meta, members
 
 
 def scan_shard(shard: str | os.PathLike, verify: bool = False) -> ShardIndex:
@@ -452,29 +476,41 @@ def scan_shard(shard: str | os.PathLike, verify: bool = False) -> ShardIndex:
     path = str(shard)
     entries = []
     with open(path, "rb") as stream:
-        for key, meta, (w_offset, w_size), (meta_offset, meta_size) in _checked_samples(path, stream):
+        for key, meta, members in _checked_samples(path, stream):
+            (w_offset, w_size), (meta_offset, meta_size) = members[WEIGHTS], members[META]
+            s_offset, s_size = members.get(SNAPSHOTS, (None, None))
             digest = meta.get("weights_sha256")
             if verify or digest is None:  # shards written before digests existed: compute it
                 data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
                 if verify:
                     check_weights(path, key, w_offset, data, meta)
                 digest = digest or sha256_bytes(data)
+            if verify and s_offset is not None:
+                check_weights(path, key, s_offset, _read_at(stream, path, s_offset, s_size, f"{key}.{SNAPSHOTS}"),
+                              meta, SNAPSHOTS)
             entries.append(Entry(key=key, dataset=meta["dataset"], task=meta["task"], seed=int(meta["seed"]),
                                  recipe=str(meta.get("recipe", "")), converged=bool(meta.get("converged", False)),
                                  epochs=meta.get("epochs"), weights_sha256=digest, weights_offset=w_offset,
                                  weights_size=w_size, meta_offset=meta_offset, meta_size=meta_size,
                                  metrics=meta.get("metrics") or {}, shard=path,
-                                 source=(meta.get("input") or {}).get("source")))
+                                 source=(meta.get("input") or {}).get("source"),
+                                 snapshot_epochs=list(meta.get("snapshots") or []), snapshots_offset=s_offset,
+                                 snapshots_size=s_size))
     return ShardIndex(Path(path), os.path.getsize(path), entries)
 
 
-def read_raw(entry: Entry, stream=None) -> tuple[bytes, bytes]:
-    """``(weights bytes, meta bytes)`` of an indexed copy, weights checked against their digest."""
+def read_raw(entry: Entry, stream=None, snapshots: bool = False) -> tuple[bytes, bytes, bytes | None]:
+    """``(weights bytes, meta bytes, snapshots bytes or None)`` of an indexed copy, weights checked
+    against their digest; the snapshots are read (and checked) only when asked for."""
     own = stream is None
     stream = stream or open(entry.shard, "rb")
     try:
         meta_bytes = _read_at(stream, entry.shard, entry.meta_offset, entry.meta_size, f"{entry.key}.{META}")
         weights = _read_at(stream, entry.shard, entry.weights_offset, entry.weights_size, f"{entry.key}.{WEIGHTS}")
+        snaps = None
+        if snapshots and entry.snapshots_offset is not None:
+            snaps = _read_at(stream, entry.shard, entry.snapshots_offset, entry.snapshots_size,
+                             f"{entry.key}.{SNAPSHOTS}")
     finally:
         if own:
             stream.close()
@@ -482,26 +518,37 @@ def read_raw(entry: Entry, stream=None) -> tuple[bytes, bytes]:
     if sha256_bytes(weights) != entry.weights_sha256 or meta.get("weights_sha256", entry.weights_sha256) != entry.weights_sha256:
         raise CorruptShardError(entry.shard, entry.weights_offset,
                                 f"weights of {entry.key} do not match their SHA-256 (changed since indexed?)")
-    return weights, meta_bytes
+    if snaps is not None and sha256_bytes(snaps) != meta.get("snapshots_sha256"):
+        raise CorruptShardError(entry.shard, entry.snapshots_offset,
+                                f"snapshots of {entry.key} do not match their SHA-256 in meta.json")
+    return weights, meta_bytes, snaps
 
 
-def read_entry(entry: Entry, stream=None) -> Network:
-    """The network of an indexed copy (checked)."""
-    weights, meta_bytes = read_raw(entry, stream)
+def read_entry(entry: Entry, stream=None, snapshots: bool = False) -> Network:
+    """The network of an indexed copy (checked); with ``snapshots``, its weights along training too."""
+    weights, meta_bytes, snaps = read_raw(entry, stream, snapshots)
     meta = json.loads(meta_bytes)
-    return Network(entry.key, check_weights(entry.shard, entry.key, entry.weights_offset, weights, meta), meta)
+    return Network(entry.key, check_weights(entry.shard, entry.key, entry.weights_offset, weights, meta), meta,
+                   None if snaps is None else check_weights(entry.shard, entry.key, entry.snapshots_offset, snaps,
+                                                            meta, SNAPSHOTS))
 
 
 def read_shard(shard: str | os.PathLike, verify: bool = True) -> Iterator[Network]:
-    """The networks of one shard in file order, each checked (structure, meta, weights digest).
+    """The networks of one shard in file order, each checked (structure, meta, weights digest; with
+    ``verify`` also the snapshots' digest, whose tensors are not loaded).
 
     Samples before a defect are yielded; the defect raises :class:`CorruptShardError`.
     """
     path = str(shard)
     with open(path, "rb") as stream:
-        for key, meta, (w_offset, w_size), _ in _checked_samples(path, stream):
+        for key, meta, members in _checked_samples(path, stream):
+            w_offset, w_size = members[WEIGHTS]
             data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
             weights = check_weights(path, key, w_offset, data, meta) if verify else load_safetensors(data)
+            if verify and SNAPSHOTS in members:
+                s_offset, s_size = members[SNAPSHOTS]
+                check_weights(path, key, s_offset, _read_at(stream, path, s_offset, s_size, f"{key}.{SNAPSHOTS}"),
+                              meta, SNAPSHOTS)
             yield Network(key, weights, meta)
 
 
@@ -512,8 +559,13 @@ def decode(sample: dict) -> Network:
     missing = [e for e in REQUIRED if e not in sample]
     if missing:
         raise CorruptShardError(source, -1, f"sample {key} lacks {', '.join(missing)}")
+    unknown = sorted(e for e in sample if not e.startswith("__") and e not in MEMBERS)
+    if unknown:
+        raise CorruptShardError(source, -1, f"sample {key} has members MLDS does not write: {', '.join(unknown)}")
     meta = parse_meta(source, key, -1, sample[META])
-    return Network(key, check_weights(source, key, -1, sample[WEIGHTS], meta), meta)
+    snapshots = sample.get(SNAPSHOTS)
+    return Network(key, check_weights(source, key, -1, sample[WEIGHTS], meta), meta,
+                   None if snapshots is None else check_weights(source, key, -1, snapshots, meta, SNAPSHOTS))
 
 
 # --------------------------------------------------------------------------- catalog
