@@ -30,6 +30,7 @@ class DatasetInfo:
     params: int
     description: str
     build_task: Callable[[dict, dict | None], Task] | None = None
+    cpu_population: int = 64  # population.size=auto on a CPU: the size measured fastest per core (README)
 
     def release(self, size: int) -> str:
         return release_name(self.name, size)
@@ -84,13 +85,13 @@ DATASETS: dict[str, DatasetInfo] = {d.name: d for d in (
                 "LSTM 64 wide, 4 layers + 2 linear", 136846,
                 "Networks trained to mimic one of 100 random automata (Moore machines with a Hamiltonian cycle, "
                 "total transitions and hidden states); one-hot inputs, one of 4 output symbols per step.",
-                _automaton_task),
+                _automaton_task, cpu_population=4),
     DatasetInfo("ds4", "image classification, clean and trojaned", ("clean", "patch", "blend"), (100, 1000, 10000),
                 "small CNN", 4970,
                 "Small CNNs trained on clean images, and on images of which a share carries a trigger (a patch, or "
                 "a blended pattern) and is relabelled to a target class; every trojaned network draws its own "
                 "trigger and target from its seed.",
-                _image_task),
+                _image_task, cpu_population=128),
 )}
 
 

@@ -3,6 +3,7 @@
 
     python scripts/bench.py --dataset ds1            # default protocol (a few minutes)
     python scripts/bench.py --dataset ds3 --quick    # under two minutes
+    python scripts/bench.py --plan ds1 1000          # what building MLDS-DS1-1000 costs: here, on SLURM, on a GPU
 
 Both sides train networks of the dataset's default task (ds1: single_direct;
 ds3: automaton 0; ds4: clean digits) under the default protocol (the project's Hydra defaults:
@@ -51,6 +52,9 @@ DEFAULTS = {  # default protocol: steps per network; population sizes to try on 
     "ds1": dict(steps=256, quick_steps=64, sizes=[16, 32, 64, 128, 256], quick_sizes=[32, 64],
                 gpu_sizes=[1024, 4096, 16384], quick_gpu_sizes=[1024, 4096], baseline_networks=4,
                 quick_baseline_networks=2),
+    "ds2": dict(steps=256, quick_steps=64, sizes=[16, 32, 64, 128, 256], quick_sizes=[32, 64],
+                gpu_sizes=[1024, 4096, 16384], quick_gpu_sizes=[1024, 4096], baseline_networks=4,
+                quick_baseline_networks=2),
     "ds3": dict(steps=64, quick_steps=32, sizes=[2, 4, 8, 16], quick_sizes=[4, 8],
                 gpu_sizes=[64, 256, 1024], quick_gpu_sizes=[64, 256], baseline_networks=4,
                 quick_baseline_networks=2),
@@ -58,10 +62,23 @@ DEFAULTS = {  # default protocol: steps per network; population sizes to try on 
                 gpu_sizes=[1024, 4096, 16384], quick_gpu_sizes=[1024, 4096], baseline_networks=4,
                 quick_baseline_networks=2),
 }
-TASK_OVERRIDES = {"ds1": ["dataset=ds1", "machine=single_direct"], "ds3": ["dataset=ds3", "automaton=0"],
+TASK_OVERRIDES = {"ds1": ["dataset=ds1", "machine=single_direct"], "ds2": ["dataset=ds2", "machine=single_direct"],
+                  "ds3": ["dataset=ds3", "automaton=0"],
                   "ds4": ["dataset=ds4", "trojan=none"]}  # ds4: the clean task, the same work on both sides
 
 _W: dict = {}  # per worker process: config, task, barrier
+
+# Mean epochs a network of each task runs at the default settings, from the calibration tables of the
+# README (converged networks at their median epoch, the others at max_epochs); --calibration ROOT
+# measures them from a zoo instead. ds3: the mean over the 12 automata calibrated, for every automaton.
+CALIBRATED_EPOCHS = {
+    "ds1": {"single_direct": 17.5, "single_invert": 12.5, "simple_xor": 21.5, "eight_bit": 974.0, "parity": 1000.0},
+    "ds2": {"single_direct": 58.0, "single_invert": 296.5, "simple_xor": 187.1, "eight_bit": 1000.0,
+            "parity": 1000.0},
+    "ds3": {"*": 13.5},
+    "ds4": {"clean": 7.0, "patch": 9.0, "blend": 12.5},
+}
+PLAN_POPULATION = {"ds1": 64, "ds2": 64, "ds3": 4, "ds4": 128}  # population size per CPU process (README)
 
 
 # ---- configuration: the project's own Hydra defaults -----------------------------------------
@@ -277,9 +294,93 @@ def say(line: str) -> None:
     print(line)
 
 
+def calibrated_epochs(dataset: str, root: str | None) -> tuple[dict[str, float], str]:
+    """Mean epochs per task: measured from the networks of a zoo (``root``), else the README's tables."""
+    from mlds.datasets import DATASETS
+
+    tasks = DATASETS[dataset].tasks
+    if root:
+        from collections import defaultdict
+
+        from mlds.zoo.store import ZooStore, read_shard
+
+        epochs = defaultdict(list)
+        for shard in ZooStore(root).shards(dataset):
+            for net in read_shard(shard, verify=False):
+                epochs[net.meta["task"]].append(net.meta["epochs"])
+        if not epochs:
+            raise SystemExit(f"error: no {dataset} networks under {root}")
+        mean = sum(sum(v) for v in epochs.values()) / sum(len(v) for v in epochs.values())
+        return ({t: sum(epochs[t]) / len(epochs[t]) if epochs.get(t) else mean for t in tasks},
+                f"measured from {sum(len(v) for v in epochs.values())} networks under {root}")
+    table = CALIBRATED_EPOCHS[dataset]
+    return {t: table.get(t, table.get("*")) for t in tasks}, "the README's calibration tables"
+
+
+def flops_per_step(cfg: dict, task) -> float:
+    """FLOPs of one optimizer step of one network (forward + backward of one batch), counted by
+    ``torch.utils.flop_counter`` on the plain module."""
+    import torch
+    from torch.nn import functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from mlds.nets.registry import build
+
+    net = build(cfg["architecture"])
+    batch = cfg["train"]["batch_size"]
+    x, y = task.train.x[:batch], task.train.y[:batch]
+    with FlopCounterMode(display=False) as counter:
+        logits = net(x)
+        loss = (F.binary_cross_entropy_with_logits(logits, y) if task.loss == "bce"
+                else F.cross_entropy(logits.flatten(0, -2), y.flatten()))
+        loss.backward()
+    return float(counter.get_total_flops())
+
+
+def plan(dataset: str, size: int, args) -> None:
+    """Estimate what building MLDS-<dataset>-<size> costs here, on a SLURM array and on a GPU."""
+    from mlds.datasets import DATASETS, build_task, dataset_info
+
+    info = dataset_info(dataset, size)
+    cfg = compose(dataset)
+    task = build_task(cfg)
+    epochs, origin = calibrated_epochs(dataset, args.calibration)
+    steps_per_epoch = -(-len(task.train) // cfg["train"]["batch_size"])
+    network_steps = size * sum(epochs.values()) * steps_per_epoch
+    k = args.population or PLAN_POPULATION[dataset]
+    cores = args.cores
+    say(f"plan: {info.release(size)}: {size} networks x {len(info.tasks)} tasks = {size * len(info.tasks):,} networks; "
+        f"mean epochs per network {sum(epochs.values()) / len(epochs):.1f} ({origin}), {steps_per_epoch} steps "
+        f"per epoch: {network_steps:.3g} network-steps (validation included in the measured rate)")
+    quiet()
+    with pool(cfg, cores, 1, barrier=cores > 1) as ex:
+        measured = run_population(ex, cores, k, args.plan_steps)
+    per_process = measured["rate"] / cores
+    say(f"measured here: {cores} processes x 1 thread, population size {k}: {measured['rate']:.0f} network-steps/s "
+        f"({per_process:.0f} per process)")
+    core_hours = network_steps / per_process / 3600
+    say(f"this machine ({cores} cores): {core_hours:,.1f} core-hours, wall {format_hours(core_hours / cores)} "
+        f"(estimate)")
+    tasks = len(info.tasks) * -(-size // k)
+    per_task_h = k * (sum(epochs.values()) / len(epochs)) * steps_per_epoch / per_process / 3600
+    worst_h = k * max(epochs.values()) * steps_per_epoch / per_process / 3600
+    say(f"SLURM (estimate, cores like these): {tasks:,} array tasks of {k} networks, 1 CPU each; "
+        f"{per_task_h:.2f} h per task on average, up to {worst_h:.2f} h (set hydra.launcher.timeout_min >= "
+        f"{int(60 * worst_h * 1.5) + 1}); wall with {args.slurm_parallel} tasks at a time: "
+        f"{format_hours(max(worst_h, core_hours / min(args.slurm_parallel, tasks)))}")
+    flops = flops_per_step(cfg, task) * network_steps
+    say(f"GPU (a bound, not a measurement): {flops_per_step(cfg, task) / 1e6:.1f} MFLOP per network-step, "
+        f"{flops / 1e15:.1f} PFLOP in all: {format_hours(flops / (args.gpu_tflops * 1e12) / 3600)} at a sustained "
+        f"{args.gpu_tflops:g} TFLOP/s; measure with --gpu-sizes on the GPU")
+
+
+def format_hours(hours: float) -> str:
+    return f"{hours * 60:.0f} min" if hours < 1 else f"{hours:,.1f} h" if hours < 48 else f"{hours / 24:,.1f} days"
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", choices=sorted(DEFAULTS), default="ds1")
+    parser.add_argument("--dataset", choices=sorted(TASK_OVERRIDES), default="ds1")
     parser.add_argument("--quick", action="store_true", help="short run, under two minutes")
     parser.add_argument("--steps", type=int, help="optimizer steps per network")
     parser.add_argument("--search-steps", type=int, help="steps per network while searching population sizes")
@@ -291,7 +392,22 @@ def main(argv=None) -> None:
     parser.add_argument("--cores", type=int, default=os.cpu_count())
     parser.add_argument("--gpu-sizes", help="population sizes to try on CUDA (when present)")
     parser.add_argument("--no-gpu", action="store_true")
+    parser.add_argument("--plan", nargs=2, metavar=("DATASET", "SIZE"),
+                        help="estimate the cost of release MLDS-<DATASET>-<SIZE> instead (e.g. --plan ds1 1000)")
+    parser.add_argument("--calibration", metavar="ROOT", help="--plan: mean epochs per task from this zoo")
+    parser.add_argument("--population", type=int, help="--plan: population size per process")
+    parser.add_argument("--plan-steps", type=int, default=64, help="--plan: steps per network to measure the rate")
+    parser.add_argument("--slurm-parallel", type=int, default=256, help="--plan: array tasks at a time")
+    parser.add_argument("--gpu-tflops", type=float, default=50.0,
+                        help="--plan: assumed sustained GPU throughput for the bound (default 50)")
     args = parser.parse_args(argv)
+    if args.plan:
+        from mlds.datasets import UnknownDatasetError
+
+        try:
+            return plan(args.plan[0].lower(), int(args.plan[1]), args)
+        except (UnknownDatasetError, ValueError) as err:
+            raise SystemExit(f"error: {err}") from None
 
     d = DEFAULTS[args.dataset]
     steps = args.steps or (d["quick_steps"] if args.quick else d["steps"])

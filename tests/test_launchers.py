@@ -84,7 +84,7 @@ def assert_same_networks(a: dict, b: dict) -> None:
 def test_local_parallel_sweep_gives_the_same_networks_as_a_serial_one(tmp_path, probe_path):
     sweep = ["-m", "machine=single_direct,parity", "seed=range(0,4)", "population.size=2", *TINY]
     serial, parallel = tmp_path / "serial", tmp_path / "parallel"
-    run_train(*sweep, f"zoo.root={serial}", f"hydra.sweep.dir={tmp_path / 'sweep-serial'}")
+    run_train(*sweep, "hydra/launcher=basic", f"zoo.root={serial}", f"hydra.sweep.dir={tmp_path / 'sweep-serial'}")
     proc = run_train(*sweep, "hydra/launcher=local", f"zoo.root={parallel}",
                      f"hydra.sweep.dir={tmp_path / 'sweep-local'}", *probe(tmp_path / "probe"))
     assert "Joblib.Parallel(" in proc.stdout + proc.stderr

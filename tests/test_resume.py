@@ -92,8 +92,19 @@ def test_sweeper_counts_the_networks_of_a_sweep():
         [["machine=parity"]], 1)
 
 
+def test_small_sweeps_are_split_so_that_every_worker_has_a_job():
+    parse = OverridesParser.create().parse_overrides
+    assert [len(j[-1].split(",")) for j in pack(parse(["seed=range(0,16)"]), 64, workers=4).jobs] == [4] * 4
+    quickstart = pack(parse(["machine=a,b,c,d,e", "seed=range(0,16)"]), 16, workers=2)
+    assert len(quickstart.jobs) == 5 and quickstart.networks == 80  # already enough jobs: unchanged
+    assert len(pack(parse(["machine=a,b", "seed=range(0,3)"]), 64, workers=8).jobs) == 6  # one seed per job at most
+    big = pack(parse(["seed=range(0,500)"]), 64, workers=2)
+    assert len(big.jobs) == 8 and big.networks == 500
+
+
 def _sweep_command(root: Path, sweep_dir: Path) -> list[str]:
-    return [sys.executable, "train.py", "-m", "dataset=ds1", "machine=parity,single_invert", "seed=range(0,8)",
+    return [sys.executable, "train.py", "-m", "hydra/launcher=basic", "dataset=ds1", "machine=parity,single_invert",
+            "seed=range(0,8)",
             "population.size=2", *TINY, "train.threads=1", f"zoo.root={root}", f"hydra.sweep.dir={sweep_dir}"]
 
 
@@ -147,7 +158,8 @@ def test_two_sweeps_into_one_store_at_once(tmp_path):
     env = dict(os.environ, HYDRA_FULL_ERROR="1", PYTHONWARNINGS="ignore")
     procs = []
     for name in ("a", "b"):
-        cmd = [sys.executable, "train.py", "-m", "machine=parity", "seed=range(0,6)", "population.size=2", *TINY,
+        cmd = [sys.executable, "train.py", "-m", "hydra/launcher=basic", "machine=parity", "seed=range(0,6)",
+               "population.size=2", *TINY,
                "train.threads=1", f"zoo.root={root}", f"hydra.sweep.dir={tmp_path / name}"]
         procs.append(subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env))
     for proc in procs:

@@ -80,8 +80,10 @@ def validate(cfg: DictConfig) -> None:
         trainable = [d.name for d in DATASETS.values() if d.build_task is not None]
         raise ConfigError(f"dataset {name!r} cannot be trained; choose one of {', '.join(trainable)}")
     for path in ("data.n_train", "data.n_val", "data.n_test", "data.seq_len", "data.n_states", "data.n_inputs",
-                 "data.n_outputs", "train.max_epochs", "train.batch_size", "population.size"):
+                 "data.n_outputs", "train.max_epochs", "train.batch_size"):
         _number(cfg, path, int, 0)
+    if OmegaConf.select(cfg, "population.size") != "auto":
+        _number(cfg, "population.size", int, 0)
     for path in ("optim.lr", "train.stop_loss"):
         _number(cfg, path, float, 0)
     _number(cfg, "scheduler.gamma", float, 0, 1)

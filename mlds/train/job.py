@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import platform
 import subprocess
+import sys
 import time
 import warnings
 from functools import lru_cache, partial
@@ -21,6 +22,7 @@ from mlds.train.checks import job_seeds, validate
 from mlds.train.engine import NetworkRecord, PopulationModule, evaluate
 from mlds.train.optim import optimizer_factory, scheduler_factory
 from mlds.train.progress import SweepProgress
+from mlds.train.sizing import auto_population_size
 from mlds.train.recipe import FILE_KEYS, RUNTIME_KEYS, recipe, recipe_hash
 from mlds.tasks.task import Task
 from mlds.zoo.store import Network, ZooStore, sample_key
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 # Jobs use a plain LightningEnvironment on purpose (see train_population), so Lightning's hint to
 # launch through srun on hosts with SLURM installed is noise.
 warnings.filterwarnings("ignore", message="The `srun` command is available on your system but is not used")
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+# Lightning adds its own console handler at import; its INFO lines (GPU available, tips) are noise in a job's log.
+for _name in ("lightning.pytorch", "lightning.fabric"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
@@ -58,15 +64,16 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
 
     todo = missing(seeds)
     if len(todo) < len(seeds):
-        progress.record("stored", len(seeds) - len(todo))
-        log.info("%s: %d of %d networks already stored (recipe %s) | %s", name, len(seeds) - len(todo), len(seeds),
-                 recipe_id, progress.line())
+        message = f"{name}: {len(seeds) - len(todo)} of {len(seeds)} networks already stored (recipe {recipe_id})"
+        progress.record("stored", len(seeds) - len(todo), message)
+        log.info("%s | %s", message, progress.line())
     if not todo:
         return []
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
     shards = []
-    size = int(cfg.population.size)
+    size = (auto_population_size(rec, task, len(todo), str(runtime.get("accelerator")))
+            if cfg.population.size == "auto" else int(cfg.population.size))
     progress.record("start", 0)
     for start in range(0, len(todo), size):
         population = todo[start : start + size]
@@ -79,12 +86,28 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
         began = time.perf_counter()
         networks = train_population(rec, task, population, runtime, log_dir)
         shards.append(store.write_shard(task.dataset, task.name, recipe_id, networks))
-        progress.record("trained", len(networks))
         converged = sum(n.meta["converged"] for n in networks)
-        log.info("stored %d networks of %s (seeds %d..%d, %d converged, %.1f s) in %s | %s", len(networks), name,
-                 population[0], population[-1], converged, time.perf_counter() - began, shards[-1].name,
-                 progress.line())
+        message = (f"stored {len(networks)} networks of {name} (seeds {population[0]}..{population[-1]}, {converged} "
+                   f"converged, {time.perf_counter() - began:.1f} s) in {shards[-1].name}")
+        progress.record("trained", len(networks), message)
+        log.info("%s | %s", message, progress.line())
     return shards
+
+
+def show_progress_bar(setting) -> bool:
+    """``train.progress``: true / false, or ``auto``: Lightning's bar for a single run in a terminal, none in
+    a multirun (its sweeper shows one display for the whole sweep)."""
+    if setting != "auto":
+        return bool(setting)
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+            return False
+    except ImportError:
+        pass
+    return sys.stderr.isatty()
 
 
 def population_module(rec: dict, task: Task, seeds: list[int], snapshots=()) -> PopulationModule:
@@ -111,7 +134,8 @@ def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log
         max_epochs=int(rec["train"]["max_epochs"]), accelerator=runtime.get("accelerator") or "auto",
         devices=runtime.get("devices") or 1,
         logger=L.pytorch.loggers.CSVLogger(log_dir) if log_dir else False, enable_checkpointing=False,
-        num_sanity_val_steps=0, enable_progress_bar=bool(runtime.get("progress")), enable_model_summary=False,
+        num_sanity_val_steps=0, enable_progress_bar=show_progress_bar(runtime.get("progress")),
+        enable_model_summary=False,
         log_every_n_steps=1, plugins=[LightningEnvironment()],
         default_root_dir=log_dir)
     trainer.fit(module)

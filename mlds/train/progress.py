@@ -6,9 +6,11 @@ event to ``<sweep dir>/progress.jsonl`` (a single ``O_APPEND`` write, so jobs
 of any launcher -- in-process, joblib, SLURM on a shared file system -- can
 share it): the networks it found already stored, and each population it
 trained. Each job reads the lines the others wrote, so every finished
-population logs one line with the sweep-wide count and ETA; and
-``scripts/status.py --sweep DIR [--watch]`` shows a rich progress bar from
-another terminal.
+population logs one line with the sweep-wide count and ETA; a sweep whose
+jobs run in other processes (all local cores, SLURM) shows one live display
+in its own terminal (:class:`SweepDisplay`: each population's line, then one
+bar for the whole sweep); and ``scripts/status.py --sweep DIR [--watch]`` shows
+the bar from another terminal.
 
 "done" counts networks of the sweep that are in the store: trained by this
 sweep, or found already stored by a job that has started. ETA = networks not
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +91,7 @@ class SweepProgress:
         self._stored = self._trained = self._populations = 0
         self._first_train: float | None = None
         self._last_trained: float | None = None
+        self.messages: list[str] = []  # lines the jobs sent with their events, not yet taken
 
     @classmethod
     def open(cls, sweep_dir: str | os.PathLike) -> SweepProgress | None:
@@ -119,9 +123,12 @@ class SweepProgress:
             pass
         return cls(None, n_seeds)
 
-    def record(self, event: str, n: int) -> None:
-        """``event``: ``stored`` (found in the store), ``start`` (training begins), ``trained``."""
+    def record(self, event: str, n: int, message: str | None = None) -> None:
+        """``event``: ``stored`` (found in the store), ``start`` (training begins), ``trained``;
+        ``message``: a line for the sweep's display."""
         line = {"event": event, "n": int(n), "t": time.time(), "pid": os.getpid()}
+        if message:
+            line["message"] = message
         if self.folder is None:
             self._apply(line)
             return
@@ -134,6 +141,8 @@ class SweepProgress:
 
     def _apply(self, line: dict) -> None:
         event, n = line.get("event"), int(line.get("n", 0))
+        if line.get("message"):
+            self.messages.append(str(line["message"]))
         if event == "stored":
             self._stored += n
         elif event == "trained":
@@ -178,3 +187,49 @@ class SweepProgress:
         rate = f"{s.rate:.2f} networks/s" if s.rate else "rate unknown"
         return (f"{scope} {s.done}/{s.total} networks ({100 * s.fraction:.0f}%) {bar(s.fraction)} "
                 f"{rate}, ETA {format_seconds(s.eta)}")
+
+
+class SweepDisplay:
+    """One live display of a sweep in the terminal that launched it: every line the jobs send
+    (one per population), then a bar for the whole sweep (networks done / total, rate, ETA),
+    refreshed from the sweep's events until :meth:`stop`. Runs in a thread of the launching process."""
+
+    def __init__(self, sweep_dir: str | os.PathLike, interval: float = 1.0):
+        self.folder, self.interval = Path(sweep_dir), interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> "SweepDisplay":
+        self._thread = threading.Thread(target=self._run, name="mlds-sweep-display", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+        progress = SweepProgress.open(self.folder)
+        if progress is None:
+            return
+        columns = [TextColumn("[bold]sweep"), BarColumn(), MofNCompleteColumn(), TextColumn("networks"),
+                   TextColumn("{task.fields[rate]}"), TextColumn("ETA {task.fields[eta]}")]
+        with Progress(*columns, console=Console(stderr=True), auto_refresh=False) as bar:
+            task = bar.add_task("sweep", total=progress.total, rate="", eta="")
+            while True:
+                stopping = self._stop.is_set()
+                s = progress.snapshot()
+                for message in progress.messages:
+                    bar.console.print(message, highlight=False)
+                progress.messages.clear()
+                bar.update(task, completed=s.done, rate=f"{s.rate:.2f} networks/s" if s.rate else "-",
+                           eta=format_seconds(s.eta))
+                bar.refresh()
+                if stopping:
+                    break
+                self._stop.wait(self.interval)
+
