@@ -320,7 +320,6 @@ def calibrated_epochs(dataset: str, root: str | None) -> tuple[dict[str, float],
 def flops_per_step(cfg: dict, task) -> float:
     """FLOPs of one optimizer step of one network (forward + backward of one batch), counted by
     ``torch.utils.flop_counter`` on the plain module."""
-    import torch
     from torch.nn import functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -339,7 +338,7 @@ def flops_per_step(cfg: dict, task) -> float:
 
 def plan(dataset: str, size: int, args) -> None:
     """Estimate what building MLDS-<dataset>-<size> costs here, on a SLURM array and on a GPU."""
-    from mlds.datasets import DATASETS, build_task, dataset_info
+    from mlds.datasets import build_task, dataset_info
 
     info = dataset_info(dataset, size)
     cfg = compose(dataset)

@@ -7,9 +7,12 @@
 A package holds repacked WebDataset shards (samples byte for byte as stored),
 manifest.json with a SHA-256 per shard, SHA256SUMS and a generated README.md
 dataset card. It is built in a hidden folder and renamed into place when
-complete. Corrupt shards of the store are never used. Exit status: 0 on
-success, 1 when the build is refused or verification finds a problem, 2 on a
-usage error.
+complete. Corrupt shards of the store are never used: a corrupt shard of the
+dataset stops the build (its networks would be replaced by other seeds) unless
+--skip-corrupt, and then manifest.json lists the skipped shards. Exit status: 0
+on success, 1 when the build is refused or fails (one "error:" line, and
+nothing of the unfinished package is kept) or verification finds a problem, 2
+on a usage error.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from mlds.datasets import DATASETS, UnknownDatasetError, dataset_info
+from mlds.zoo.store import CorruptShardError
 from mlds.zoo.release import DEFAULT_CITATION, DEFAULT_LICENSE, DEFAULT_OUT, ReleaseError, build_package, verify_package
 
 
@@ -45,6 +49,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="in a task stored under this training recipe, use only its networks (repeatable; "
                         "hashes are listed by scripts/status.py)")
     b.add_argument("--allow-mixed-recipes", action="store_true", help="allow a task to mix training recipes")
+    b.add_argument("--skip-corrupt", action="store_true",
+                   help="build from the sound shards although some shards of the dataset are corrupt (they are "
+                        "listed in manifest.json as skipped_corrupt); default: refuse")
     b.add_argument("--license", default=DEFAULT_LICENSE, help="licence of the package (default: %(default)s)")
     b.add_argument("--citation", default=DEFAULT_CITATION, help="citation text for the card (default: %(default)s)")
     b.add_argument("--force", action="store_true", help="replace an existing package of the same name")
@@ -95,11 +102,14 @@ def build(args, console: Console) -> int:
         path = build_package(args.root, info.name, size, args.out, shard_networks=args.shard_networks,
                              on_conflict=args.on_conflict, allow_mixed_recipes=args.allow_mixed_recipes,
                              recipes=set(args.recipe) if args.recipe else None, license=args.license,
-                             citation=args.citation, force=args.force, progress=callback)
+                             citation=args.citation, force=args.force, progress=callback,
+                             skip_corrupt=args.skip_corrupt)
     finally:
         if bar:
             bar.stop()
     manifest = json.loads((path / "manifest.json").read_text())
+    for skipped in manifest.get("skipped_corrupt", []):
+        print(f"skipped corrupt shard {skipped['shard']} (byte offset {skipped['offset']}: {skipped['reason']})")
     print(f"built {path}: {manifest['networks']} networks ({size} per task x {len(manifest['tasks'])} tasks), "
           f"{len(manifest['shards'])} shards, {manifest['bytes'] / 1e6:.1f} MB in {time.perf_counter() - started:.1f} s")
     print(f"verify with: python scripts/package.py verify {path}")
@@ -139,6 +149,10 @@ def main(argv=None) -> int:
         return build(args, console) if args.command == "build" else verify(args, console)
     except ReleaseError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 1
+    except (CorruptShardError, OSError) as err:  # what build_package does not turn into a ReleaseError itself
+        print(f"error: {err}; run python scripts/status.py --verify --quarantine to find and move aside damaged "
+              "shards", file=sys.stderr)
         return 1
 
 

@@ -7,7 +7,10 @@
 
 Networks of corrupt shards are not counted (the shards are listed; --quarantine
 moves them to <root>/.quarantine/ so the next sweep trains their networks
-again). Exit status: 0, or 1 when a corrupt shard or a conflicting key was found.
+again); a resumed sweep counts exactly the networks counted here. Symbolic links
+inside the store are listed, never followed. Networks that failed training
+(non-finite weights) and are not stored are listed. Exit status: 0, 1 when a
+corrupt shard or a conflicting key was found, 2 on a usage error.
 """
 from __future__ import annotations
 
@@ -102,6 +105,15 @@ def footer(status: ZooStatus) -> list[str]:
     if status.partials:
         lines.append(f"{len(status.partials)} unfinished .partial files (a writer still running, or killed; never "
                      "read; --remove-partials HOURS deletes old ones).")
+    if status.failed:
+        lines.append(f"{len(status.failed)} networks failed training and are NOT stored (a rerun trains them "
+                     f"again; records in {status.root}/.failed):")
+        lines += [f"  {f['key']} (recipe {f.get('recipe')}): {f.get('reason')}" for f in status.failed[:20]]
+        if len(status.failed) > 20:
+            lines.append(f"  ... and {len(status.failed) - 20} more")
+    if status.links:
+        lines.append(f"{len(status.links)} symbolic links in the store, ignored (links are never followed):")
+        lines += [f"  {p}" for p in status.links[:20]]
     return lines
 
 
@@ -137,7 +149,8 @@ def render(status: ZooStatus, args, console: Console) -> None:
 def as_json(status: ZooStatus) -> dict:
     return {"root": str(status.root), "shards": status.shards, "duplicates": status.duplicates,
             "conflicts": sorted(status.conflicts), "corrupt": [str(e) for e in status.corrupt],
-            "partials": [str(p) for p in status.partials],
+            "partials": [str(p) for p in status.partials], "links": [str(p) for p in status.links],
+            "failed": [{k: f.get(k) for k in ("key", "recipe", "reason")} for f in status.failed],
             "datasets": {ds.info.name: {
                 "releases": {ds.info.release(n): {"done": ds.done(n), "target": ds.target(n)} for n in ds.info.sizes},
                 "tasks": {t.task: {"stored": t.stored, "converged": t.converged, "recipes": t.recipes,
@@ -179,17 +192,24 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
     store = ZooStore(root)
-    if args.remove_partials is not None:
-        for p in store.remove_partials(args.remove_partials * 3600):
-            print(f"removed {p}")
     try:
+        if args.remove_partials is not None:
+            for p in store.remove_partials(args.remove_partials * 3600):
+                print(f"removed {p}")
         status = zoo_status(root, args.dataset, verify=args.verify, cache=not args.no_cache)
     except (ReleaseError, UnknownDatasetError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        print(f"error: cannot read the zoo store {root}: {err}", file=sys.stderr)
+        return 2
     if args.quarantine:
         for err in status.corrupt:
-            print(f"quarantined {err.path} -> {store.quarantine(err.path)}")
+            try:
+                print(f"quarantined {err.path} -> {store.quarantine(err.path)}")
+            except (OSError, ValueError) as problem:
+                print(f"error: cannot quarantine {err.path}: {problem}", file=sys.stderr)
+                return 2
     if args.json:
         print(json.dumps(as_json(status), indent=1))
     elif args.markdown:

@@ -210,9 +210,14 @@ def test_corrupt_store_shards_are_not_counted(zoo, tmp_path, capsys):
     assert [str(e.path) for e in status.corrupt] == [str(bad)]
     counts = {t.task: t.stored for t in status.datasets[0].tasks}
     assert counts["single_invert"] == 70 and counts["single_direct"] == 120 and counts["parity"] == 119
-    with pytest.raises(ReleaseError) as err:
+    with pytest.raises(ReleaseError) as err:  # refused: its networks would be replaced by other seeds
         build_package(zoo, "ds1", 100, tmp_path)
+    assert "1 corrupt shard(s)" in str(err.value) and str(bad) in str(err.value)
+    assert "status.py" in str(err.value) and "--verify --quarantine" in str(err.value) and "--skip-corrupt" in str(err.value)
+    with pytest.raises(ReleaseError) as err:  # skipped: then the task is short
+        build_package(zoo, "ds1", 100, tmp_path, skip_corrupt=True)
     assert "single_invert: 70/100 stored, 30 missing" in str(err.value) and "corrupt" in str(err.value)
+    assert not list(tmp_path.glob("MLDS-*")) and not list(tmp_path.glob(".MLDS-*"))
     status_script = script("status")
     assert status_script.main(["--root", str(zoo), "--dataset", "ds1", "--json"]) == 1
     report = json.loads(capsys.readouterr().out)
@@ -236,3 +241,174 @@ def test_status_tables(zoo, tmp_path, capsys):
     assert status.main(["--root", str(zoo)]) == 0  # rich tables of every dataset
     out = capsys.readouterr().out
     assert "MLDS-DS3-100" in out and "0/10000" in out and "MLDS-DS4-10000" in out and "Complete" in out
+
+
+# --------------------------------------------------------------------------- faults and hostile packages (issue 15)
+
+@pytest.fixture(scope="module")
+def built(base_zoo, tmp_path_factory):
+    return build_package(base_zoo, "ds1", 100, tmp_path_factory.mktemp("built"), shard_networks=50)
+
+
+@pytest.fixture
+def package(built, tmp_path):
+    copy = tmp_path / "pkg" / built.name
+    shutil.copytree(built, copy)
+    return copy
+
+
+def test_build_with_a_corrupt_shard_refuses_unless_told_and_records_what_it_skipped(zoo, tmp_path, capsys):
+    bad = ZooStore(zoo).shards("ds1", "single_invert")[-1]  # seeds 100..119: not needed for 100 per task
+    bad.write_bytes(bad.read_bytes()[:5000])
+    before = sorted(p.name for p in ZooStore(zoo).shards())
+    cli = script("package")
+    argv = ["build", "ds1", "100", "--root", str(zoo), "--out", str(tmp_path / "out"), "--quiet"]
+    assert cli.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: 1 corrupt shard(s) of ds1") and str(bad) in err and "Traceback" not in err
+    assert "status.py --root" in err and "--verify --quarantine" in err and "--skip-corrupt" in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+    assert cli.main(argv + ["--skip-corrupt"]) == 0
+    out = capsys.readouterr().out
+    assert f"skipped corrupt shard ds1/single_invert/{bad.name}" in out
+    manifest = json.loads((tmp_path / "out" / "MLDS-DS1-100" / "manifest.json").read_text())
+    assert [s["shard"] for s in manifest["skipped_corrupt"]] == [f"ds1/single_invert/{bad.name}"]
+    assert manifest["tasks"]["single_invert"]["seeds"] == [0, 99]
+    assert verify_package(tmp_path / "out" / "MLDS-DS1-100").ok
+    assert sorted(p.name for p in ZooStore(zoo).shards()) == before and bad.stat().st_size == 5000
+
+
+def test_damage_found_while_building_is_one_error_line_and_leaves_nothing(zoo, tmp_path, capsys):
+    import os
+    from mlds.zoo.release import build_package as build
+    ZooStore(zoo).index("ds1")  # indexed and cached while sound
+    shard = ZooStore(zoo).shards("ds1", "parity")[0]
+    stat = shard.stat()
+    data = bytearray(shard.read_bytes())
+    data[20000] ^= 0xFF  # inside a weights file; size and mtime kept: the cached index still trusts it
+    shard.write_bytes(bytes(data))
+    os.utime(shard, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    with pytest.raises(ReleaseError, match="damaged.*do not match their SHA-256") as err:
+        build(zoo, "ds1", 100, tmp_path / "out")
+    assert "--verify --quarantine" in str(err.value) and list((tmp_path / "out").iterdir()) == []
+    assert script("package").main(["build", "ds1", "100", "--root", str(zoo), "--out", str(tmp_path / "out"),
+                                   "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: a shard of the store is damaged") and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_disk_while_building_is_one_error_line_and_leaves_nothing(zoo, tmp_path, monkeypatch, capsys):
+    import errno
+    import mlds.zoo.release as release_module
+    real = release_module.write_tar
+    calls = []
+
+    def full(path, samples, mtime=None):
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, samples, mtime=mtime)
+
+    monkeypatch.setattr(release_module, "write_tar", full)
+    assert script("package").main(["build", "ds1", "100", "--root", str(zoo), "--out", str(tmp_path / "out"),
+                                   "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot build") and "No space left on device" in err and "Traceback" not in err
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("path", ["../../outside.tar", "ABSOLUTE", "shards/../../outside.tar", "shards/link.tar"])
+def test_manifest_shard_paths_must_stay_inside_the_package(package, tmp_path, path, capsys):
+    from mlds.zoo.reader import ZooDataset, shard_paths
+    manifest = json.loads((package / "manifest.json").read_text())
+    outside = tmp_path / "outside.tar"
+    shutil.copy(package / manifest["shards"][0]["path"], outside)
+    if path == "ABSOLUTE":
+        path = str(outside)
+    if path == "shards/link.tar":
+        (package / manifest["shards"][0]["path"]).unlink()
+        (package / path).symlink_to(outside)
+    manifest["shards"][0]["path"] = path
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_package(package)
+    assert not report.ok and any("manifest.json: shard path" in p for p in report.problems), report.problems
+    assert report.networks == 450  # the outside shard was not read
+    with pytest.raises(ValueError, match="not a relative path inside|leads outside"):
+        shard_paths(package)
+    with pytest.raises(ValueError):
+        ZooDataset(package)
+    assert script("package").main(["verify", str(package), "--quiet"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("manifest, words", [
+    ([1, 2, 3], "not a JSON object but a list"),
+    ({"format": "mlds-release/1"}, "lacks 'dataset'"),
+    ("DROP shards", "lacks 'shards'"),
+    ("DROP shards.0.path", "shards[0] lacks 'path'"),
+    ("SET shards.0.bytes=x", "shards[0].bytes is not an integer"),
+    ("SET tasks={}", None),
+    ("SET tasks.parity=7", "tasks.parity is not an object"),
+    ("SET networks_per_task=null", "'networks_per_task' is not an integer"),
+])
+def test_malformed_manifests_are_a_failed_report(package, manifest, words, capsys):
+    if isinstance(manifest, str):  # "DROP a.0.b" or "SET a.0.b=<json or a bare string>" on the real manifest
+        real = json.loads((package / "manifest.json").read_text())
+        op, what = manifest.split(" ", 1)
+        keys, _, value = what.partition("=")
+        *parents, leaf = keys.split(".")
+        target = real
+        for k in parents:
+            target = target[int(k)] if isinstance(target, list) else target[k]
+        if op == "DROP":
+            del target[leaf]
+        else:
+            try:
+                target[leaf] = json.loads(value)
+            except ValueError:
+                target[leaf] = value
+        manifest = real
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_package(package)
+    assert not report.ok
+    if words:
+        assert any(words in p for p in report.problems), report.problems
+    assert script("package").main(["verify", str(package), "--quiet"]) == 1
+    assert "FAILED" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("change, words", [("rename", "missing ['head.0.weight']"),
+                                           ("reshape", "rnn.weight_hh_l0 has shape (8, 24)")])
+def test_weights_that_do_not_fit_the_architecture_fail_verify(package, change, words):
+    import tarfile
+    from safetensors.torch import load, save
+    from mlds.zoo.store import sha256_bytes, write_tar
+    manifest = json.loads((package / "manifest.json").read_text())
+    shard = package / manifest["shards"][0]["path"]
+    samples, sample = [], {}
+    with tarfile.open(shard) as tar:
+        for m in tar.getmembers():
+            key, ext = m.name.split(".", 1)
+            if sample and sample["__key__"] != key:
+                samples.append(sample)
+                sample = {}
+            sample["__key__"] = key
+            sample[ext] = tar.extractfile(m).read()
+    samples.append(sample)
+    weights = load(samples[0]["weights.safetensors"])
+    if change == "rename":
+        weights["head.0.weightx"] = weights.pop("head.0.weight")
+    else:
+        weights["rnn.weight_hh_l0"] = weights["rnn.weight_hh_l0"].t().contiguous()
+    blob = save(weights)
+    meta = json.loads(samples[0]["meta.json"])
+    meta["weights_sha256"] = sha256_bytes(blob)
+    samples[0].update({"weights.safetensors": blob, "meta.json": json.dumps(meta, sort_keys=True).encode()})
+    shard.unlink()
+    write_tar(shard, samples, mtime=0)
+    manifest["shards"][0].update(bytes=shard.stat().st_size, sha256=sha256_file(shard))
+    (package / "manifest.json").write_text(json.dumps(manifest))
+    report = verify_package(package)
+    assert len(report.problems) == 1 and "do not fit the architecture" in report.problems[0]
+    assert words in report.problems[0], report.problems

@@ -35,7 +35,7 @@ def test_snapshots_are_stored_and_start_at_the_default_init(ds1_zoo):
     assert set(samples) == {f"ds1-parity-{s:06d}" for s in range(3)}
     for key, sample in samples.items():
         meta = json.loads(sample["meta.json"])
-        assert meta["snapshots"] == [0, 1, 2] and meta["population"] == [0, 1, 2] and meta["device"] == "cpu"
+        assert meta["snapshots"] == [0, 1, 2] and meta["population"] == [[0, 2]] and meta["device"] == "cpu"
         snaps = load_safetensors(sample["snapshots.safetensors"])  # plain safetensors, standard names
         start = {k[len("epoch_0000/"):]: v for k, v in snaps.items() if k.startswith("epoch_0000/")}
         expected = init_state_dict(meta["architecture"], meta["seed"])
@@ -140,3 +140,11 @@ def test_reproduce_fails_clearly_when_a_stored_weight_is_altered(ds1_zoo, tmp_pa
     assert check(str(tmp_path / "zoo"), [net.key], None, 0, "cpu", None, Console(width=200)) == 1
     assert "DOES NOT reproduce" in capsys.readouterr().out
     assert check(str(ds1_zoo), ["ds1-parity-000099"], None, 0, "cpu", None, Console(width=200)) == 2
+
+
+def test_population_seeds_are_recorded_as_runs():
+    from mlds.train.job import expand_seed_ranges, seed_ranges
+
+    assert seed_ranges([0, 1, 2, 5, 7, 8]) == [[0, 2], [5, 5], [7, 8]]
+    assert expand_seed_ranges(seed_ranges([3, 4, 9, 2])) == [3, 4, 9, 2]  # order kept
+    assert seed_ranges(list(range(16384))) == [[0, 16383]]

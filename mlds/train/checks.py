@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -18,6 +20,32 @@ from mlds.train.recipe import RecipeError, recipe
 
 class ConfigError(ValueError):
     """A training config that cannot be run."""
+
+
+#: top-level override that lets DS3 train automata beyond the release table (``+allow_extra_automata=true``);
+#: not part of the recipe (the automaton id is)
+ALLOW_EXTRA_AUTOMATA = "allow_extra_automata"
+
+
+def check_zoo_root(root) -> None:
+    """The zoo root must be a folder, or creatable, and writable: checked before any work (the job
+    then writes and removes a probe file in its task folder before training)."""
+    if root is None or str(root).strip() == "":
+        raise ConfigError("zoo.root is empty; set zoo.root=<folder>")
+    path = Path(str(root))
+    node = path
+    while not node.exists() and not node.is_symlink():
+        if node.parent == node:
+            break
+        node = node.parent
+    if node.is_symlink() and not node.exists():
+        raise ConfigError(f"zoo.root={root}: {node} is a broken symbolic link")
+    if not node.is_dir():
+        what = "is a file, not a folder" if node == path else f"cannot be created: {node} is a file, not a folder"
+        raise ConfigError(f"zoo.root={root} {what}")
+    if not os.access(node, os.W_OK | os.X_OK):
+        where = "" if node == path else f" (its nearest existing folder {node})"
+        raise ConfigError(f"zoo.root={root} is not writable{where}: a read-only file system or no permission")
 
 
 def job_seeds(cfg: DictConfig) -> list[int]:
@@ -76,6 +104,7 @@ def _check_images(cfg: DictConfig, trojan: dict) -> None:
 
 def validate(cfg: DictConfig) -> None:
     """Raise :class:`ConfigError` for settings that cannot train; cheap, runs before any work."""
+    check_zoo_root(OmegaConf.select(cfg, "zoo.root"))
     name = OmegaConf.select(cfg, "dataset.name")
     info = DATASETS.get(name)
     if info is None or info.build_task is None:
@@ -104,7 +133,13 @@ def validate(cfg: DictConfig) -> None:
     if "machine" in task and task["machine"] not in MACHINES:
         raise ConfigError(f"unknown machine {task['machine']!r}; choose one of {', '.join(MACHINES)}")
     if "automaton" in task:
-        _number(cfg, "automaton", int, 0, low_open=False)
+        automaton = task["automaton"]
+        if isinstance(automaton, bool) or not isinstance(automaton, int) or automaton < 0:
+            raise ConfigError(f"automaton must be a non-negative integer (an automaton id), got {automaton!r}")
+        table = len(DATASETS[name].tasks)
+        if automaton >= table and not OmegaConf.select(cfg, ALLOW_EXTRA_AUTOMATA):
+            raise ConfigError(f"automaton={automaton} is outside {name.upper()}'s automata 0..{table - 1} (the "
+                              f"release table); add +{ALLOW_EXTRA_AUTOMATA}=true to train it anyway")
     kind = OmegaConf.select(cfg, "architecture.kind")
     if kind not in KINDS:
         raise ConfigError(f"architecture kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")

@@ -1,8 +1,13 @@
-"""One training job: build the task, train the job's seeds as populations, store them."""
+"""One training job: build the task, train the job's seeds as populations, store them.
+
+Signals: see :mod:`mlds.train.interrupts`.
+"""
 from __future__ import annotations
 
 import logging
+import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -12,14 +17,16 @@ from pathlib import Path
 
 import lightning as L
 from lightning.pytorch.plugins.environments import LightningEnvironment
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 import torch
 from omegaconf import DictConfig
 
 import mlds
 from mlds.datasets import build_task
 from mlds.nets.registry import build, param_count, population, population_from_seeds
-from mlds.train.checks import job_seeds, validate
+from mlds.train.checks import ConfigError, job_seeds, validate
 from mlds.train.engine import NetworkRecord, PopulationModule, evaluate
+from mlds.train.interrupts import STATE, JobInterrupted, JobInterruptedError, interruptible, storing
 from mlds.train.optim import optimizer_factory, scheduler_factory
 from mlds.train.progress import SweepProgress
 from mlds.train.sizing import auto_population_size
@@ -37,6 +44,12 @@ for _name in ("lightning.pytorch", "lightning.fabric"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
+def non_finite(net: Network) -> list[str]:
+    """Names of a network's tensors (weights, snapshots) that hold NaN or infinity."""
+    tensors = {**net.weights, **(net.snapshots or {})}
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
 def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     """Train the job's seeds that are not stored yet, ``population.size`` at a time;
     returns the shards written.
@@ -47,8 +60,24 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     sweeps running side by side skip what the other has stored meanwhile.
     One line per finished population reports the sweep's networks done / total
     and ETA (:mod:`mlds.train.progress`).
+
+    The zoo root is checked for writing (a probe file in the task's folder)
+    before any training. A network whose weights are not finite (it diverged)
+    is never stored: it is recorded in ``<root>/.failed`` and named in a
+    warning, and the rest of its population is stored. SIGTERM and SIGINT raise
+    :class:`JobInterrupted` (module docstring).
     """
     validate(cfg)
+    with interruptible():
+        try:
+            return _train_job(cfg, log_dir)
+        except JobInterrupted as err:
+            if os.environ.get("SUBMITIT_FOLDER"):  # a submitit job: only an Exception reaches the sweep
+                raise JobInterruptedError(str(err), err.code) from None
+            raise
+
+
+def _train_job(cfg: DictConfig, log_dir: str | None) -> list[Path]:
     rec = recipe(cfg)
     task = build_task(rec, {k: cfg.data.get(k) for k in FILE_KEYS})
     store = ZooStore(cfg.zoo.root)
@@ -57,6 +86,7 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
     seeds = job_seeds(cfg)
     progress = SweepProgress.for_job(len(seeds))
     name = f"{task.dataset}/{task.name}"
+    STATE.job = name
 
     def missing(candidates: list[int]) -> list[int]:
         stored = store.keys(task.dataset, task.name, recipe_id)
@@ -69,6 +99,10 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
         log.info("%s | %s", message, progress.line())
     if not todo:
         return []
+    try:
+        store.check_writable(task.dataset, task.name)
+    except OSError as err:
+        raise ConfigError(f"zoo.root={cfg.zoo.root} cannot be written: {err}") from None
     if cfg.train.get("threads"):
         torch.set_num_threads(int(cfg.train.threads))
     shards = []
@@ -84,14 +118,49 @@ def train_job(cfg: DictConfig, log_dir: str | None = None) -> list[Path]:
             if not population:
                 continue
         began = time.perf_counter()
+        STATE.population = f"{name} seeds {population[0]}..{population[-1]}, {len(population)} networks"
         networks = train_population(rec, task, population, runtime, log_dir)
-        shards.append(store.write_shard(task.dataset, task.name, recipe_id, networks))
-        converged = sum(n.meta["converged"] for n in networks)
-        message = (f"stored {len(networks)} networks of {name} (seeds {population[0]}..{population[-1]}, {converged} "
-                   f"converged, {time.perf_counter() - began:.1f} s) in {shards[-1].name}")
+        good = [n for n in networks if not non_finite(n)]
+        failed = [n for n in networks if non_finite(n)]
+        with storing():
+            records = [store.record_failure(task.dataset, task.name, recipe_id, int(n.meta["seed"]),
+                                            "non-finite weights (NaN or infinity) in " + ", ".join(non_finite(n)[:5]),
+                                            n.meta) for n in failed]
+            if good:
+                shards.append(store.write_shard(task.dataset, task.name, recipe_id, good))
+            STATE.population = None
+            STATE.stored += len(good)
+        if failed:
+            warning = (f"{len(failed)} of {len(networks)} networks of {name} have non-finite weights (they diverged) "
+                       f"and were NOT stored: seeds {', '.join(str(n.meta['seed']) for n in failed)}; recorded in "
+                       f"{records[0].parent}; " + ("the others are stored" if good else "none of this population "
+                                                   "is stored"))
+            log.warning("%s", warning)
+        converged = sum(n.meta["converged"] for n in good)
+        message = (f"stored {len(good)} networks of {name} (seeds {population[0]}..{population[-1]}, {converged} "
+                   f"converged, {time.perf_counter() - began:.1f} s) in {shards[-1].name}" if good else
+                   f"stored none of {len(networks)} networks of {name} (seeds {population[0]}..{population[-1]}): "
+                   "all have non-finite weights")
         progress.record("trained", len(networks), message)
         log.info("%s | %s", message, progress.line())
     return shards
+
+
+def seed_ranges(seeds: list[int]) -> list[list[int]]:
+    """Seeds in order as ``[first, last]`` runs of consecutive seeds: ``[0, 1, 2, 5] -> [[0, 2], [5, 5]]``
+    (a population of thousands stays a few numbers in every meta.json)."""
+    runs: list[list[int]] = []
+    for s in seeds:
+        if runs and s == runs[-1][1] + 1:
+            runs[-1][1] = s
+        else:
+            runs.append([s, s])
+    return runs
+
+
+def expand_seed_ranges(runs: list[list[int]]) -> list[int]:
+    """Inverse of :func:`seed_ranges`."""
+    return [s for first, last in runs for s in range(first, last + 1)]
 
 
 def show_progress_bar(setting) -> bool:
@@ -138,7 +207,12 @@ def train_population(rec: dict, task: Task, seeds: list[int], runtime: dict, log
         enable_model_summary=False,
         log_every_n_steps=1, plugins=[LightningEnvironment()],
         default_root_dir=log_dir)
-    trainer.fit(module)
+    try:
+        trainer.fit(module)
+    except SIGTERMException:  # Lightning's answer to SIGTERM where another handler owns it: a bare SystemExit
+        raise JobInterrupted(signal.SIGTERM, STATE.population, STATE.stored, STATE.job) from None
+    if trainer.received_sigterm:  # it arrived as the last epoch ended
+        raise JobInterrupted(signal.SIGTERM, STATE.population, STATE.stored, STATE.job)
     wall = time.perf_counter() - started
     metrics = final_metrics(rec["architecture"], module.records, module.task, module.device)
     data = task.network_data(seeds) if task.network_data else None
@@ -174,7 +248,7 @@ def network_meta(rec: dict, task: Task, record: NetworkRecord, metrics: dict, wa
         "config": {**rec, "seed": record.seed}, "recipe": recipe_hash(rec), "zoo_version": rec["zoo_version"],
         "epochs": record.epochs, "converged": record.converged, "stop_loss": float(rec["train"]["stop_loss"]),
         "metrics": metrics, "history": record.history, "task_description": task.description, **task.meta,
-        "wall_time_s": wall, "population_size": len(population), "population": list(population),
+        "wall_time_s": wall, "population_size": len(population), "population": seed_ranges(population),
         "snapshots": sorted(record.snapshots), "device": device, "versions": versions(),
         "code_revision": code_revision(),
     }

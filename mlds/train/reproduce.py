@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from mlds.datasets import build_task
-from mlds.train.job import train_population, versions
+from mlds.train.job import expand_seed_ranges, train_population, versions
 from mlds.train.recipe import ZOO_VERSION, recipe_hash
 from mlds.zoo.reader import ZooDataset
 from mlds.zoo.store import WEIGHTS, CorruptShardError, Network, encode, sha256_bytes
@@ -60,7 +60,8 @@ def reproduce(stored: list[Network], accelerator: str = "cpu", files: dict | Non
     device = "cuda" if accelerator in ("gpu", "cuda") else "cpu"
     groups: dict[tuple, list[Network]] = {}
     for net in stored:
-        population = tuple(net.meta.get("population") or [net.meta["seed"]])
+        population = tuple(expand_seed_ranges(net.meta["population"]) if net.meta.get("population")
+                           else [net.meta["seed"]])
         groups.setdefault((net.meta["recipe"], net.meta["task"], population), []).append(net)
     results = []
     for (recorded_hash, _, population), nets in groups.items():

@@ -38,8 +38,8 @@ from torch.utils.data import Dataset
 
 from mlds.nets.registry import build
 from mlds.zoo.splits import check_split, split_of
-from mlds.zoo.store import (CorruptShardError, Entry, Network, ZooStore, build_catalog, decode as _decode_sample, read_entry,
-                        scan_shard, walk_shard)
+from mlds.zoo.store import (CorruptShardError, Entry, Network, ZooStore, build_catalog, contained_path,
+                        decode as _decode_sample, read_entry, scan_shard, walk_shard)
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +53,22 @@ def is_package(path: str | os.PathLike) -> bool:
 
 
 def shard_paths(source: str | os.PathLike | Sequence[str | os.PathLike]) -> list[str]:
-    """Shard files of a source: a release package folder (its manifest's shards, in order), a zoo
-    root (every finished shard), a single ``.tar``, or a list of these."""
+    """Shard files of a source: a release package folder (its manifest's shards, in order; only
+    relative paths inside the package, else ``ValueError``), a zoo root (every finished shard; links
+    inside it are not followed), a single ``.tar``, or a list of these."""
     if isinstance(source, (list, tuple)):
         return [p for s in source for p in shard_paths(s)]
     path = Path(source)
     if path.is_file():
         return [str(path)]
     if is_package(path):
-        manifest = json.loads((path / MANIFEST).read_text())
-        return [str(path / s["path"]) for s in manifest["shards"]]
+        try:
+            manifest = json.loads((path / MANIFEST).read_text())
+            listed = [s["path"] for s in manifest["shards"]]
+        except (ValueError, RecursionError, KeyError, TypeError) as err:
+            raise ValueError(f"{path / MANIFEST} is not a valid manifest ({type(err).__name__}: "
+                             f"{str(err)[:200]}); check it with scripts/package.py verify") from None
+        return [str(contained_path(path, rel)) for rel in listed]
     if path.is_dir():
         return [str(p) for p in ZooStore(path).shards()]
     raise FileNotFoundError(f"no zoo, package or shard at {path}")
@@ -150,7 +156,9 @@ class Slot:
 def weight_layout(architecture: dict) -> list[Slot]:
     """The fixed vector layout of an architecture (``meta['architecture']``)."""
     slots, start = [], 0
-    for name, tensor in build(architecture).state_dict().items():
+    with torch.device("meta"):  # shapes only: nothing allocated, whatever sizes the architecture names
+        state = build(architecture).state_dict()
+    for name, tensor in state.items():
         stop = start + tensor.numel()
         slots.append(Slot(name, tuple(tensor.shape), start, stop))
         start = stop

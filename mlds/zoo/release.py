@@ -5,8 +5,12 @@ repacked into new shards (``shards/<dataset>-<task>-<n>.tar``, samples byte for
 byte as stored), ``manifest.json`` (counts, seeds, recipes and a SHA-256 per
 shard), ``SHA256SUMS`` (for ``sha256sum -c``) and a generated ``README.md``
 dataset card. It is built in a hidden folder next to its destination and
-renamed into place only when complete. :func:`verify_package` checks a package
-against its manifest and reads every sample.
+renamed into place only when complete. A corrupt shard in the store stops a
+build (its networks would silently be replaced by other seeds) unless
+``skip_corrupt``, and then the manifest lists what was skipped.
+:func:`verify_package` checks a package against its manifest (only relative
+shard paths inside the package) and reads every sample, weights checked against
+their digests and against the architecture's names and shapes.
 """
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ import jinja2
 
 import mlds
 from mlds.datasets import DATASETS, DatasetInfo, dataset_info
-from mlds.zoo.store import (META, SNAPSHOTS, WEIGHTS, CorruptShardError, Entry, ZooStore, build_catalog, read_raw,
-                            read_shard, sha256_file, write_tar)
+from mlds.zoo.store import (META, SNAPSHOTS, WEIGHTS, CorruptShardError, Entry, ZooStore, build_catalog,
+                            contained_path, read_raw, read_shard, sha256_file, write_tar)
 
 MANIFEST = "manifest.json"
 CHECKSUMS = "SHA256SUMS"
@@ -36,6 +40,8 @@ DEFAULT_OUT = "outputs/releases"
 DEFAULT_LICENSE = "CC-BY-4.0"
 DEFAULT_CITATION = "TBD"
 SHARD_MTIME = 0  # fixed tar mtime: the same networks always give byte-identical package shards
+QUARANTINE_HINT = ("run python scripts/status.py --root {root} --verify --quarantine to move damaged shards aside "
+                   "(their networks count as missing; a rerun of the sweep trains them again)")
 
 
 class ReleaseError(ValueError):
@@ -84,6 +90,8 @@ class ZooStatus:
     conflicts: dict[str, list[Entry]]
     corrupt: list[CorruptShardError]
     partials: list[Path] = field(default_factory=list)
+    links: list[Path] = field(default_factory=list)  # symbolic links in the store: never followed
+    failed: list[dict] = field(default_factory=list)  # networks that failed training, not stored since
 
 
 def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verify: bool = False,
@@ -91,10 +99,12 @@ def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verif
     """Networks stored per dataset and task (corrupt shards are not counted; see ``corrupt``)."""
     store = ZooStore(root)
     names = [dataset_info(d).name for d in datasets] if datasets else list(DATASETS)
-    result = ZooStatus(Path(root), [], 0, 0, {}, [], store.partials())
+    result = ZooStatus(Path(root), [], 0, 0, {}, [], store.partials(), store.links())
     for name in names:
         indexes, corrupt = store.index(name, verify=verify, cache=cache)
         catalog = build_catalog(indexes, corrupt)
+        stored = {(c.key, c.recipe) for copies in catalog.copies.values() for c in copies}
+        result.failed += [f for f in store.failures(name) if (f["key"], f.get("recipe")) not in stored]
         result.shards += len(indexes)
         result.duplicates += catalog.duplicates
         result.conflicts.update(catalog.conflicts)
@@ -104,7 +114,7 @@ def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verif
         def task_status(task: str) -> TaskStatus:
             nets = catalog.networks.get((name, task), {})
             return TaskStatus(task, len(nets), sum(e.converged for e in nets.values()),
-                              dict(Counter(e.recipe for e in nets.values())),
+                              catalog.recipes(name, task),
                               sum(e.key in catalog.conflicts for e in nets.values()),
                               dict(Counter(e.source for e in nets.values() if e.source)))
 
@@ -117,11 +127,13 @@ def zoo_status(root: str | os.PathLike, datasets: list[str] | None = None, verif
 # --------------------------------------------------------------------------- packages
 
 def select_release(root: str | os.PathLike, dataset: str, size: int, on_conflict: str = "error",
-                   allow_mixed_recipes: bool = False, recipes: set[str] | None = None
+                   allow_mixed_recipes: bool = False, recipes: set[str] | None = None, skip_corrupt: bool = False
                    ) -> tuple[DatasetInfo, dict[str, list[Entry]], list[CorruptShardError]]:
     """The networks of ``MLDS-<dataset>-<size>``: per task (table order) the ``size`` lowest seeds stored.
 
-    Corrupt shards are never used. ``recipes``: in a task stored under one of
+    Corrupt shards are never used: a corrupt shard of the dataset stops the
+    selection (its networks would silently be replaced by higher seeds) unless
+    ``skip_corrupt``. ``recipes``: in a task stored under one of
     them, only networks of those recipes count (recipe hashes differ per task).
     Raises :class:`ReleaseError` when a task has
     fewer than ``size`` networks (saying how many are missing), when a chosen
@@ -134,6 +146,13 @@ def select_release(root: str | os.PathLike, dataset: str, size: int, on_conflict
     if not Path(root).is_dir():
         raise ReleaseError(f"no zoo store at {root}")
     indexes, corrupt = ZooStore(root).index(info.name)
+    if corrupt and not skip_corrupt:
+        listing = "\n".join(f"  {err}" for err in corrupt[:20])
+        more = f"\n  ... and {len(corrupt) - 20} more" if len(corrupt) > 20 else ""
+        raise ReleaseError(f"{len(corrupt)} corrupt shard(s) of {info.name} in {root}; their networks would be "
+                           f"replaced by other seeds:\n{listing}{more}\n" + QUARANTINE_HINT.format(root=root)
+                           + ", or pass --skip-corrupt to build from the sound shards (the manifest lists the "
+                           "skipped ones)")
     if recipes:  # per task: only the chosen recipes, where the task has any of them
         present: dict[str, set[str]] = {}
         for index in indexes:
@@ -174,19 +193,27 @@ def select_release(root: str | os.PathLike, dataset: str, size: int, on_conflict
 def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | os.PathLike = DEFAULT_OUT, *,
                   shard_networks: int = 1000, on_conflict: str = "error", allow_mixed_recipes: bool = False,
                   recipes: set[str] | None = None, license: str = DEFAULT_LICENSE, citation: str = DEFAULT_CITATION,
-                  force: bool = False, progress: Callable[[int, int], None] | None = None) -> Path:
-    """Build ``<out>/MLDS-<DS>-<N>`` from the zoo at ``root``; returns its folder."""
+                  force: bool = False, progress: Callable[[int, int], None] | None = None,
+                  skip_corrupt: bool = False) -> Path:
+    """Build ``<out>/MLDS-<DS>-<N>`` from the zoo at ``root``; returns its folder.
+
+    Raises :class:`ReleaseError` for anything that stops the build (a corrupt shard, found before or
+    while reading; a full disk or another OS error); nothing of an unfinished package is left."""
     if shard_networks < 1:
         raise ReleaseError("shard_networks must be positive")
-    info, chosen, _ = select_release(root, dataset, size, on_conflict, allow_mixed_recipes, recipes)
+    info, chosen, corrupt = select_release(root, dataset, size, on_conflict, allow_mixed_recipes, recipes,
+                                           skip_corrupt)
     name = info.release(size)
     out = Path(out)
     final = out / name
     if final.exists() and not force:
         raise ReleaseError(f"{final} exists; pass --force to rebuild it")
-    out.mkdir(parents=True, exist_ok=True)
     work = out / f".{name}.{uuid.uuid4().hex[:8]}.partial"
-    (work / "shards").mkdir(parents=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (work / "shards").mkdir(parents=True)
+    except OSError as err:
+        raise ReleaseError(f"cannot create the package in {out}: {err}") from None
     try:
         total = sum(len(v) for v in chosen.values())
         done, shards, metas = 0, [], {}
@@ -196,7 +223,10 @@ def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | o
                 rel = f"shards/{info.name}-{task}-{n:06d}.tar"
                 samples = []
                 for entry in part:
-                    weights, meta_bytes, snapshots = read_raw(entry, snapshots=True)
+                    try:
+                        weights, meta_bytes, snapshots = read_raw(entry, snapshots=True)
+                    except OSError as err:
+                        raise CorruptShardError(entry.shard, 0, f"cannot read: {err}") from None
                     if task not in metas:
                         metas[task] = json.loads(meta_bytes)
                     samples.append({"__key__": entry.key, WEIGHTS: weights, META: meta_bytes,
@@ -209,6 +239,8 @@ def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | o
                 if progress:
                     progress(done, total)
         manifest = _manifest(info, int(size), chosen, shards, metas, license, citation, root)
+        manifest["skipped_corrupt"] = [{"shard": _relative(err.path, root), "offset": err.offset,
+                                        "reason": err.reason} for err in corrupt]
         (work / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
         (work / CHECKSUMS).write_text("".join(f"{s['sha256']}  {s['path']}\n" for s in shards))
         (work / "README.md").write_text(dataset_card(manifest, chosen, metas))
@@ -219,10 +251,22 @@ def build_package(root: str | os.PathLike, dataset: str, size: int, out: str | o
         os.replace(work, final)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(work, ignore_errors=True)
+        if isinstance(err, CorruptShardError):
+            raise ReleaseError(f"a shard of the store is damaged: {err}\n" + QUARANTINE_HINT.format(root=root)
+                               + "; then build again") from None
+        if isinstance(err, OSError):
+            raise ReleaseError(f"cannot build {final}: {err}; nothing of the unfinished package was kept") from None
         raise
     return final
+
+
+def _relative(path: str, root) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
 
 
 def _summary(entries: list[Entry]) -> dict:
@@ -373,6 +417,74 @@ def dataset_card(manifest: dict, chosen: dict[str, list[Entry]], metas: dict) ->
         citation=manifest["citation"], created_by=manifest["created_by"], created=manifest["created"])
 
 
+def manifest_problem(manifest) -> str | None:
+    """What makes a parsed ``manifest.json`` unusable (missing keys, wrong types), or None."""
+    def is_int(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if not isinstance(manifest, dict):
+        return f"not a JSON object but a {type(manifest).__name__}"
+    if manifest.get("format") != FORMAT:
+        return f"unknown manifest format {manifest.get('format')!r}"
+    for key, ok, what in (("dataset", lambda v: isinstance(v, str), "a string"),
+                          ("networks_per_task", is_int, "an integer"),
+                          ("shards", lambda v: isinstance(v, list), "a list"),
+                          ("tasks", lambda v: isinstance(v, dict), "an object")):
+        if key not in manifest:
+            return f"lacks {key!r}"
+        if not ok(manifest[key]):
+            return f"{key!r} is not {what}"
+    fields = {"path": str, "task": str, "networks": int, "first": str, "last": str, "bytes": int, "sha256": str}
+    for i, shard in enumerate(manifest["shards"]):
+        if not isinstance(shard, dict):
+            return f"shards[{i}] is not an object"
+        for key, kind in fields.items():
+            if key not in shard:
+                return f"shards[{i}] lacks {key!r}"
+            if not isinstance(shard[key], kind) or isinstance(shard[key], bool):
+                return f"shards[{i}].{key} is not {'an integer' if kind is int else 'a string'}"
+    for task, t in manifest["tasks"].items():
+        if not isinstance(t, dict):
+            return f"tasks.{task} is not an object"
+        if not is_int(t.get("networks")):
+            return f"tasks.{task}.networks is not an integer"
+        seeds = t.get("seeds")
+        if seeds is not None and not (isinstance(seeds, list) and len(seeds) == 2 and all(map(is_int, seeds))):
+            return f"tasks.{task}.seeds is not a [first, last] pair of integers"
+    return None
+
+
+def weights_misfit(weights: dict, architecture, cache: dict | None = None) -> str | None:
+    """How a network's weights fail to fit its ``meta.json`` architecture (names and shapes of the
+    plain module's state dict), or None. The module is built on the meta device: no memory is
+    allocated, whatever sizes a hostile architecture names."""
+    if not isinstance(architecture, dict):
+        return "meta.json has no architecture"
+    tag = json.dumps(architecture, sort_keys=True, default=str)
+    cache = {} if cache is None else cache
+    if tag not in cache:
+        try:
+            import torch
+
+            from mlds.nets.registry import build
+            with torch.device("meta"):
+                cache[tag] = {k: tuple(v.shape) for k, v in build(architecture).state_dict().items()}
+        except Exception as err:  # an architecture this version cannot build
+            cache[tag] = f"its architecture cannot be built ({type(err).__name__}: {str(err)[:200]})"
+    layout = cache[tag]
+    if isinstance(layout, str):
+        return layout
+    if set(weights) != set(layout):
+        missing, unexpected = sorted(set(layout) - set(weights)), sorted(set(weights) - set(layout))
+        return (f"weights do not fit the architecture {architecture.get('name')!r}: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}")
+    for name, shape in layout.items():
+        if tuple(weights[name].shape) != shape:
+            return (f"weights do not fit the architecture {architecture.get('name')!r}: {name} has shape "
+                    f"{tuple(weights[name].shape)}, the architecture says {shape}")
+    return None
+
+
 @dataclass
 class VerifyReport:
     package: Path
@@ -393,11 +505,12 @@ def verify_package(package: str | os.PathLike, progress: Callable[[int, int], No
     report = VerifyReport(package)
     try:
         manifest = json.loads((package / MANIFEST).read_text())
-    except (OSError, ValueError) as err:
-        report.problems.append(f"cannot read {package / MANIFEST}: {err}")
+    except (OSError, ValueError, RecursionError) as err:
+        report.problems.append(f"cannot read {package / MANIFEST}: {type(err).__name__}: {str(err)[:200]}")
         return report
-    if manifest.get("format") != FORMAT:
-        report.problems.append(f"unknown manifest format {manifest.get('format')!r}")
+    problem = manifest_problem(manifest)
+    if problem:
+        report.problems.append(f"{MANIFEST}: {problem}")
         return report
     listed = {s["path"] for s in manifest["shards"]}
     for extra in sorted(p.relative_to(package).as_posix() for p in package.rglob("*.tar")):
@@ -407,17 +520,27 @@ def verify_package(package: str | os.PathLike, progress: Callable[[int, int], No
     per_task: dict[str, list[int]] = {}
     total_bytes = sum(s["bytes"] for s in manifest["shards"])
     done = 0
+    layouts: dict[str, dict | str] = {}
     for shard in manifest["shards"]:
-        path = package / shard["path"]
         report.shards += 1
         done += shard["bytes"]
+        try:
+            path = contained_path(package, shard["path"])
+        except ValueError as err:
+            report.problems.append(f"{MANIFEST}: shard path {err} (only relative paths inside the package)")
+            continue
         if not path.is_file():
             report.problems.append(f"{shard['path']}: missing")
             continue
-        if path.stat().st_size != shard["bytes"]:
-            report.problems.append(f"{shard['path']}: {path.stat().st_size} bytes, the manifest says {shard['bytes']}")
-        if sha256_file(path) != shard["sha256"]:
-            report.problems.append(f"{shard['path']}: SHA-256 differs from the manifest")
+        try:
+            if path.stat().st_size != shard["bytes"]:
+                report.problems.append(f"{shard['path']}: {path.stat().st_size} bytes, the manifest says "
+                                       f"{shard['bytes']}")
+            if sha256_file(path) != shard["sha256"]:
+                report.problems.append(f"{shard['path']}: SHA-256 differs from the manifest")
+        except OSError as err:
+            report.problems.append(f"{shard['path']}: cannot read: {err}")
+            continue
         keys = []
         try:
             for net in read_shard(path):
@@ -427,9 +550,12 @@ def verify_package(package: str | os.PathLike, progress: Callable[[int, int], No
                                            f"{shard['task']} network")
                 if net.key in seen:
                     report.problems.append(f"{shard['path']}: {net.key} occurs twice in the package")
+                misfit = weights_misfit(net.weights, net.meta.get("architecture"), layouts)
+                if misfit:
+                    report.problems.append(f"{shard['path']}: {net.key}: {misfit}")
                 seen.add(net.key)
                 per_task.setdefault(net.meta.get("task"), []).append(int(net.meta.get("seed", -1)))
-        except CorruptShardError as err:
+        except (CorruptShardError, OSError) as err:
             report.problems.append(str(err))
         report.networks += len(keys)
         if len(keys) != shard["networks"] or (keys and (keys[0] != shard["first"] or keys[-1] != shard["last"])):

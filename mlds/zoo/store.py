@@ -22,7 +22,27 @@ Rules that keep the store from ever losing a network:
   ``.quarantine``) are never taken for shards.
 - Reading checks the tar structure itself (Python's ``tarfile`` silently stops
   at a damaged header or a truncated file); any defect raises
-  :class:`CorruptShardError` naming the file and the byte offset.
+  :class:`CorruptShardError` naming the file and the byte offset. So does every
+  decoding failure of a hostile file: a member larger than its cap (read from
+  the tar header before anything is read: ``MAX_META_BYTES``,
+  ``MAX_WEIGHTS_BYTES``), a member that is not a plain file or not one MLDS
+  writes, a ``meta.json`` that is not JSON, too deeply nested, or whose fields
+  have the wrong types.
+- Symbolic links inside the root are never followed (a linked file or folder
+  is not a shard; :meth:`ZooStore.links` lists them) and never written
+  through: the store's folders (``<dataset>/<task>``, ``.index``,
+  ``.quarantine``, ``.failed``) are created one component at a time and a
+  link among them raises :class:`LinkInStoreError`. The root itself may be a link.
+- The index (:meth:`ZooStore.index`) is the one source of truth for what is
+  stored: status, packaging and a resumed job all count the networks it lists.
+  A shard enters the index only after every sample was checked, weights and
+  snapshots against their SHA-256; the result is cached per shard in
+  ``<root>/.index`` keyed on size and mtime, so a later change of a shard is
+  seen, but bytes that rot in place while size and mtime stay are found only
+  by ``index(verify=True)`` (``scripts/status.py --verify``), which reads
+  every shard again.
+- Networks that a job could not store (non-finite weights) are recorded in
+  ``<root>/.failed/`` (:meth:`ZooStore.record_failure`), never as shards.
 
 A network stored twice (two sweeps racing, or a rerun with a different
 population split) is one network when both copies have the same recipe and
@@ -32,6 +52,7 @@ and never merged silently.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -45,7 +66,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import webdataset as wds
-from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -61,8 +81,13 @@ REQUIRED = (WEIGHTS, META)
 MEMBERS = (WEIGHTS, META, SNAPSHOTS)
 INDEX_DIR = ".index"
 QUARANTINE_DIR = ".quarantine"
-INDEX_VERSION = 2
+FAILED_DIR = ".failed"
+INDEX_VERSION = 3  # 3: a shard is indexed only after its weights were checked against their digests
+MAX_META_BYTES = 16 << 20  # a meta.json is a few kB; the cap is read from the tar header, before reading
+MAX_WEIGHTS_BYTES = 1 << 30  # weights or snapshots of one network
+MAX_HEADER_BYTES = 1 << 20  # pax / GNU long-name header data
 _BLOCK = 512
+_SHA256_HEX = frozenset("0123456789abcdef")
 
 
 def sample_key(dataset: str, task: str, seed: int) -> str:
@@ -104,6 +129,10 @@ class Network:
     weights: dict[str, Tensor]
     meta: dict
     snapshots: dict[str, Tensor] | None = None
+
+
+class LinkInStoreError(OSError):
+    """A symbolic link where the store would create or write a file: MLDS never writes through links."""
 
 
 class CorruptShardError(RuntimeError):
@@ -170,23 +199,85 @@ class ZooStore:
     def task_dir(self, dataset: str, task: str) -> Path:
         return self.root / dataset / task
 
+    def _walk(self, base: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+        """``os.walk`` of ``base`` that never follows a link (``base`` itself included, unless it is the root)."""
+        rel = base.relative_to(self.root).parts if base != self.root else ()
+        node = self.root
+        for part in rel:  # a linked <dataset> or <task> folder is not part of the store
+            node = node / part
+            if node.is_symlink() or not node.is_dir():
+                return
+        if not base.is_dir():
+            return
+        for folder, dirs, files in os.walk(base, followlinks=False):
+            yield Path(folder), dirs, files
+
     def shards(self, dataset: str | None = None, task: str | None = None) -> list[Path]:
-        """Finished shards, sorted, optionally of one dataset (and task). Hidden paths are never shards."""
+        """Finished shards, sorted, optionally of one dataset (and task). Hidden paths are never shards;
+        symbolic links (to files or folders) are never followed."""
         base = self.root / dataset if dataset else self.root
         if task:
             base = base / task
-        if not base.is_dir():
-            return []
-        return sorted(p for p in base.rglob(f"*{SHARD_SUFFIX}")
-                      if p.is_file() and not any(part.startswith(".") for part in p.relative_to(self.root).parts))
+        found = []
+        for folder, dirs, files in self._walk(base):
+            dirs[:] = [d for d in dirs if not d.startswith(".") and not (folder / d).is_symlink()]
+            found += [folder / f for f in files if f.endswith(SHARD_SUFFIX) and not f.startswith(".")
+                      and not (folder / f).is_symlink() and (folder / f).is_file()]
+        return sorted(found)
+
+    def links(self) -> list[Path]:
+        """Symbolic links inside the store (outside hidden folders): never followed, never counted."""
+        found = []
+        for folder, dirs, files in self._walk(self.root):
+            found += [folder / n for n in [*dirs, *files] if not n.startswith(".") and (folder / n).is_symlink()]
+            dirs[:] = [d for d in dirs if not d.startswith(".") and not (folder / d).is_symlink()]
+        return sorted(found)
+
+    def folder(self, *parts: str, create: bool = True) -> Path:
+        """``<root>/<parts...>``, created one component at a time (``create``); a component that is a
+        symbolic link or not a folder raises (:class:`LinkInStoreError`, ``NotADirectoryError``), so
+        nothing is ever written through a link inside the store."""
+        node = self.root
+        if create:
+            node.mkdir(parents=True, exist_ok=True)
+        for part in parts:
+            if not part or part in (".", "..") or "/" in part or os.sep in part:
+                raise ValueError(f"not a folder name inside a store: {part!r}")
+            node = node / part
+            if node.is_symlink():
+                raise LinkInStoreError(errno.ELOOP, "a symbolic link inside the zoo store (MLDS never writes "
+                                       "through links; remove it or make it a real folder)", str(node))
+            if create:
+                try:
+                    node.mkdir()
+                except FileExistsError:
+                    pass
+                if node.is_symlink():  # made a link meanwhile
+                    raise LinkInStoreError(errno.ELOOP, "a symbolic link inside the zoo store", str(node))
+            if node.exists() and not node.is_dir():
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(node))
+        return node
+
+    def check_writable(self, dataset: str, task: str) -> Path:
+        """Create the task's folder (no links) and a probe file in it, then remove the probe: raises
+        ``OSError`` (read-only file system, permissions, a file or link in the way) before any work."""
+        folder = self.folder(dataset, task)
+        probe = folder / f".write-probe-{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+        try:
+            with open(probe, "xb") as stream:
+                stream.write(b"0")
+                stream.flush()
+                os.fsync(stream.fileno())
+        finally:
+            probe.unlink(missing_ok=True)
+        return folder
 
     def write_shard(self, dataset: str, task: str, recipe: str, networks: list[Network]) -> Path:
         """Atomically write ``networks`` (of one task and recipe) as a new shard; returns its path."""
         if not networks:
             raise ValueError("no networks to write")
         seeds = [int(n.meta["seed"]) for n in networks]
-        folder = self.task_dir(dataset, task)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = self.folder(dataset, task)
         samples = [encode(n) for n in networks]
         while True:
             name = (f"{dataset}-{task}-{recipe}-{min(seeds):06d}-{max(seeds):06d}-"
@@ -203,35 +294,33 @@ class ZooStore:
         return final
 
     def keys(self, dataset: str, task: str, recipe: str | None = None) -> set[str]:
-        """Keys stored for a task (only those trained with ``recipe``, if given).
+        """Keys stored for a task (only those trained with ``recipe``, if given): exactly the networks
+        of the index (:meth:`index`), which status and packaging count too.
 
-        Only structurally sound shards count: a corrupt shard is logged and its
-        networks count as missing, so a resumed sweep trains them again.
+        A corrupt shard is logged and its networks count as missing, so a
+        resumed sweep trains them again.
         """
-        found = set()
-        for shard in self.shards(dataset, task):
-            if recipe and f"-{recipe}-" not in shard.name:
-                continue
-            try:
-                found.update(shard_keys(shard))
-            except CorruptShardError as err:
-                log.warning("ignoring corrupt shard (its networks count as missing): %s", err)
-        return found
+        indexes, corrupt = self.index(dataset, task=task)
+        for err in corrupt:
+            log.warning("ignoring corrupt shard (its networks count as missing): %s", err)
+        return {e.key for index in indexes for e in index.entries
+                if e.dataset == dataset and e.task == task and (not recipe or e.recipe == recipe)}
 
     # ----------------------------------------------------------------- index
 
-    def index(self, dataset: str | None = None, verify: bool = False, cache: bool = True
+    def index(self, dataset: str | None = None, verify: bool = False, cache: bool = True, task: str | None = None
               ) -> tuple[list[ShardIndex], list[CorruptShardError]]:
-        """Index of every finished shard (of ``dataset``): ``(sound shards, errors of corrupt ones)``.
+        """Index of every finished shard (of ``dataset``, ``task``): ``(sound shards, errors of corrupt ones)``.
 
-        Without ``verify`` the tar structure and every ``meta.json`` are checked;
-        ``verify`` also reads every weights file and checks its SHA-256. Results
-        are cached in ``<root>/.index/`` per shard (keyed on size and mtime; a
-        shard is never modified after it is written), so a later call reads only
-        new shards. ``verify`` ignores the cache.
+        A shard is indexed only when all of it is sound: tar structure, every
+        ``meta.json``, every weights (and snapshots) file against its SHA-256.
+        Results are cached in ``<root>/.index/`` per shard (keyed on size and
+        mtime; a shard is never modified after it is written), so a later call
+        reads only new or changed shards. ``verify`` ignores the cache and reads
+        every shard again (bytes that changed in place, size and mtime kept).
         """
         good, bad = [], []
-        for shard in self.shards(dataset):
+        for shard in self.shards(dataset, task):
             try:
                 good.append(self._index_one(shard, verify, cache))
             except CorruptShardError as err:
@@ -242,44 +331,60 @@ class ZooStore:
         return self.root / INDEX_DIR / (str(shard.relative_to(self.root)) + ".json")
 
     def _index_one(self, shard: Path, verify: bool, cache: bool) -> ShardIndex:
-        stat = shard.stat()
+        try:
+            stat = shard.stat()
+        except OSError as err:
+            raise CorruptShardError(shard, 0, f"cannot open: {err}") from err
         cache_file = self._cache_file(shard)
-        if cache and not verify:
+        if cache and not verify and not _links_between(self.root, cache_file) and not cache_file.is_symlink():
             try:
                 data = json.loads(cache_file.read_text())
                 if (data.get("version") == INDEX_VERSION and data["size"] == stat.st_size
                         and data["mtime_ns"] == stat.st_mtime_ns):
                     return ShardIndex(shard, stat.st_size, [Entry(shard=str(shard), **e) for e in data["entries"]])
-            except (OSError, ValueError, KeyError, TypeError):
+            except (OSError, ValueError, KeyError, TypeError, RecursionError):
                 pass
-        index = scan_shard(shard, verify=verify)
+        index = scan_shard(shard, verify=True)
         if cache:
             entries = [{k: v for k, v in asdict(e).items() if k != "shard"} for e in index.entries]
             blob = json.dumps({"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns,
                                "entries": entries}, sort_keys=True)
-            try:  # best effort: a read-only store simply stays uncached
-                cache_file.parent.mkdir(parents=True, exist_ok=True)
-                tmp = cache_file.with_name(f".{cache_file.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
-                tmp.write_text(blob)
-                os.replace(tmp, cache_file)
-            except OSError:
-                pass
+            tmp = None
+            try:  # best effort: a read-only or full store simply stays uncached, and leaves nothing behind
+                rel = cache_file.relative_to(self.root).parts
+                folder = self.folder(*rel[:-1])
+                tmp = folder / f".{cache_file.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+                with open(tmp, "x") as stream:
+                    stream.write(blob)
+                os.replace(tmp, folder / rel[-1])
+            except OSError as err:
+                if isinstance(err, LinkInStoreError):
+                    log.warning("index not cached: %s", err)
+                if tmp is not None:
+                    try:
+                        tmp.unlink(missing_ok=True)
+                    except OSError:
+                        pass
         return index
 
     # ----------------------------------------------------------------- housekeeping
 
     def partials(self, min_age_s: float = 0.0) -> list[Path]:
-        """Hidden ``.partial`` files left by writers (killed ones, or ones still running when young)."""
-        if not self.root.is_dir():
-            return []
+        """Hidden ``.partial`` files left by writers (killed ones, or ones still running when young);
+        links are not followed."""
         now = time.time()
         out = []
-        for p in self.root.rglob(f".*{PARTIAL_SUFFIX}"):
-            try:
-                if now - p.stat().st_mtime >= min_age_s:
-                    out.append(p)
-            except FileNotFoundError:  # finished meanwhile
-                pass
+        for folder, dirs, files in self._walk(self.root):
+            dirs[:] = [d for d in dirs if not (folder / d).is_symlink()]
+            for name in files:
+                p = folder / name
+                if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)) or p.is_symlink():
+                    continue
+                try:
+                    if now - p.stat().st_mtime >= min_age_s:
+                        out.append(p)
+                except FileNotFoundError:  # finished meanwhile
+                    pass
         return sorted(out)
 
     def remove_partials(self, min_age_s: float = 3600.0) -> list[Path]:
@@ -291,12 +396,64 @@ class ZooStore:
         return removed
 
     def quarantine(self, shard: str | os.PathLike) -> Path:
-        """Move a (corrupt) shard to ``<root>/.quarantine/<same relative path>``; its networks count as missing."""
+        """Move a (corrupt) shard to ``<root>/.quarantine/<same relative path>``; its networks count as
+        missing. Never replaces a file there (a name taken gets a ``.<n>`` suffix), never writes through
+        a link."""
         shard = Path(shard)
-        target = self.root / QUARANTINE_DIR / shard.relative_to(self.root)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(shard, target)
-        return target
+        rel = shard.relative_to(self.root).parts
+        if shard.is_symlink() or _links_between(self.root, shard):
+            raise LinkInStoreError(errno.ELOOP, "not a shard of the store (a symbolic link)", str(shard))
+        folder = self.folder(QUARANTINE_DIR, *rel[:-1])
+        for n in range(1000):
+            target = folder / (rel[-1] if n == 0 else f"{rel[-1]}.{n}")
+            try:
+                publish(shard, target)
+            except FileExistsError:
+                continue
+            return target
+        raise FileExistsError(errno.EEXIST, "no free name in the quarantine", str(folder / rel[-1]))
+
+    # ----------------------------------------------------------------- failed networks
+
+    def record_failure(self, dataset: str, task: str, recipe: str, seed: int, reason: str, meta: dict) -> Path:
+        """Record that network ``seed`` of ``recipe`` was trained but not stored (e.g. non-finite
+        weights): ``<root>/.failed/<dataset>/<task>/<key>-<recipe>.json`` (replaced by a later failure
+        of the same network; never a shard). A rerun trains it again."""
+        key = sample_key(dataset, task, seed)
+        folder = self.folder(FAILED_DIR, dataset, task)
+        record = {"key": key, "dataset": dataset, "task": task, "seed": int(seed), "recipe": recipe,
+                  "reason": reason, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "meta": meta}
+        final = folder / f"{key}-{recipe}.json"
+        tmp = folder / f".{final.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}"
+        try:
+            with open(tmp, "x") as stream:
+                json.dump(record, stream, sort_keys=True, default=str)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return final
+
+    def failures(self, dataset: str | None = None) -> list[dict]:
+        """Failure records (:meth:`record_failure`), sorted by key; unreadable ones are skipped."""
+        base = self.root / FAILED_DIR
+        if _links_between(self.root, base) or not base.is_dir() or base.is_symlink():
+            return []
+        out = []
+        for folder, dirs, files in os.walk(base, followlinks=False):
+            for name in sorted(files):
+                p = Path(folder) / name
+                if name.startswith(".") or not name.endswith(".json") or p.is_symlink():
+                    continue
+                try:
+                    if p.stat().st_size > MAX_META_BYTES:
+                        continue
+                    record = json.loads(p.read_text())
+                except (OSError, ValueError, RecursionError):
+                    continue
+                if isinstance(record, dict) and isinstance(record.get("key"), str) \
+                        and (dataset is None or record.get("dataset") == dataset):
+                    out.append(record)
+        return sorted(out, key=lambda r: (r["key"], str(r.get("recipe"))))
 
 
 # --------------------------------------------------------------------------- reading
@@ -337,13 +494,46 @@ class ShardIndex:
     entries: list[Entry]
 
 
+class _Oversized(Exception):
+    def __init__(self, size: int):
+        super().__init__(size)
+        self.size = size
+
+
+class _CappedReader:
+    """The file as ``tarfile`` sees it in :func:`walk_shard`: it reads headers only (member data is
+    never read there), so a read beyond ``MAX_HEADER_BYTES`` is an extended header (pax, GNU long
+    name, chained or not) that declares a hostile size, refused before it is read into memory."""
+
+    def __init__(self, raw):
+        self.raw = raw
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_HEADER_BYTES:
+            raise _Oversized(size)
+        return self.raw.read(size)
+
+    def seek(self, *args):
+        return self.raw.seek(*args)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
+def member_limit(ext: str) -> int:
+    """The most bytes a sample member may have (checked from the tar header, before reading)."""
+    return MAX_META_BYTES if ext == META else MAX_WEIGHTS_BYTES
+
+
 def walk_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[int, int]]]]:
     """Samples of a shard from its tar headers: ``(key, {entry: (data offset, size)})``, in file order.
 
     Checks what ``tarfile`` lets pass: every member's data lies inside the file,
-    names are ``<key>.<entry>``, a key's members are contiguous, and the archive
-    ends with its end-of-archive blocks (a damaged header or a truncated file
-    would otherwise look like a shorter, valid archive).
+    names are ``<key>.<entry>``, entries are those MLDS writes, each member is a
+    plain file no larger than its cap (:func:`member_limit`), a key's members
+    are contiguous, and the archive ends with its end-of-archive blocks (a
+    damaged header or a truncated file would otherwise look like a shorter,
+    valid archive). Nothing is read beyond the headers.
     """
     path = str(path)
     try:
@@ -353,21 +543,27 @@ def walk_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[i
         raise CorruptShardError(path, 0, f"cannot open: {err}") from err
     with stream:
         try:
-            tar = tarfile.open(fileobj=stream, mode="r:")
-        except (tarfile.TarError, EOFError) as err:
+            tar = tarfile.open(fileobj=_CappedReader(stream), mode="r:")
+        except _Oversized as err:
+            raise CorruptShardError(path, 0, f"an extended tar header declares {err.size} bytes (at most "
+                                    f"{MAX_HEADER_BYTES} are read)") from None
+        except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as err:
             raise CorruptShardError(path, 0, f"not a tar archive ({err})") from err
         seen: set[str] = set()
         key, members = None, {}
         while True:
             try:
                 info = tar.next()
-            except (tarfile.TarError, EOFError, ValueError) as err:
+            except _Oversized as err:
+                raise CorruptShardError(path, tar.offset, f"an extended tar header declares {err.size} bytes "
+                                        f"(at most {MAX_HEADER_BYTES} are read)") from None
+            except (tarfile.TarError, EOFError, ValueError, OverflowError, UnicodeError) as err:
                 raise CorruptShardError(path, tar.offset, f"invalid tar header ({err})") from err
             if info is None:
                 break
             tar.members = []  # keep memory flat on large shards
-            if not info.isreg():
-                raise CorruptShardError(path, info.offset, f"unexpected tar member {info.name!r} (not a file)")
+            if info.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or info.sparse is not None:
+                raise CorruptShardError(path, info.offset, f"unexpected tar member {info.name!r} (not a plain file)")
             if info.offset_data + info.size > size:
                 raise CorruptShardError(path, info.offset_data,
                                         f"truncated: {info.name} needs bytes up to {info.offset_data + info.size}, "
@@ -376,8 +572,12 @@ def walk_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[i
             member_key, dot, ext = name.partition(".")
             if not dot or not member_key or "/" in name:
                 raise CorruptShardError(path, info.offset, f"unexpected tar member name {name!r}")
+            if info.size > member_limit(ext):
+                raise CorruptShardError(path, info.offset_data, f"{name} declares {info.size} bytes, more than "
+                                        f"the {member_limit(ext)} a {ext} may have")
             if member_key != key:
                 if key is not None:
+                    _check_members(path, key, members)
                     yield key, members
                 if member_key in seen:
                     raise CorruptShardError(path, info.offset, f"members of {member_key} are not contiguous")
@@ -398,7 +598,15 @@ def walk_shard(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, tuple[i
                 reason = "invalid tar header (bad checksum or garbage where a header should be)"
             raise CorruptShardError(path, end, reason)
         if key is not None:  # the last sample only once the archive is known to be complete
+            _check_members(path, key, members)
             yield key, members
+
+
+def _check_members(path: str, key: str, members: dict) -> None:
+    unknown = sorted(e for e in members if e not in MEMBERS)
+    if unknown:
+        raise CorruptShardError(path, members[unknown[0]][0], f"sample {key} has members MLDS does not write: "
+                                f"{', '.join(unknown)} (a sample holds {', '.join(MEMBERS)})")
 
 
 def shard_keys(shard: str | os.PathLike) -> list[str]:
@@ -425,19 +633,63 @@ def _check_sample(path: str, key: str, members: dict) -> None:
                                 f"{', '.join(unknown)} (a sample holds {', '.join(MEMBERS)})")
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_digest(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and set(value) <= _SHA256_HEX
+
+
+def meta_problem(meta: dict) -> str | None:
+    """What is wrong with the fields of a ``meta.json`` that the index and the readers use (their
+    types), or None."""
+    for name in ("dataset", "task"):
+        if not isinstance(meta.get(name), str):
+            return f"{name} is not a string"
+    if not _is_int(meta.get("seed")):
+        return "seed is not an integer"
+    checks = {"recipe": lambda v: isinstance(v, str), "converged": lambda v: isinstance(v, bool),
+              "epochs": _is_int, "weights_sha256": _is_digest, "snapshots_sha256": _is_digest,
+              "architecture": lambda v: isinstance(v, dict), "input": lambda v: isinstance(v, dict),
+              "snapshots": lambda v: isinstance(v, list) and all(_is_int(e) for e in v),
+              "metrics": lambda v: isinstance(v, dict) and all(
+                  isinstance(m, dict) and all(x is None or _is_number(x) for x in m.values()) for m in v.values())}
+    for name, ok in checks.items():
+        if meta.get(name) is not None and not ok(meta[name]):
+            return f"{name} has the wrong type"
+    source = (meta.get("input") or {}).get("source")
+    if source is not None and not isinstance(source, str):
+        return "input.source is not a string"
+    return None
+
+
 def parse_meta(path: str, key: str, offset: int, data: bytes) -> dict:
-    """``meta.json`` bytes of sample ``key``, parsed and checked against the key."""
+    """``meta.json`` bytes of sample ``key``, parsed and checked against the key and for the types of
+    the fields MLDS reads; any failure is a :class:`CorruptShardError`."""
+    if len(data) > MAX_META_BYTES:
+        raise CorruptShardError(path, offset, f"meta.json of {key} has {len(data)} bytes, more than {MAX_META_BYTES}")
     try:
         meta = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptShardError(path, offset, f"meta.json of {key} is not valid JSON ({err})") from err
+    except (ValueError, RecursionError) as err:  # not UTF-8, not JSON, too deeply nested, an integer too long
+        raise CorruptShardError(path, offset, f"meta.json of {key} is not valid JSON "
+                                f"({type(err).__name__}: {str(err)[:200]})") from None
     if not isinstance(meta, dict):
         raise CorruptShardError(path, offset, f"meta.json of {key} is not an object")
     try:
         expected = parse_key(key)
-        found = (meta["dataset"], meta["task"], int(meta["seed"]))
-    except (KeyError, TypeError, ValueError) as err:
-        raise CorruptShardError(path, offset, f"meta.json of {key} lacks dataset/task/seed ({err})") from err
+    except ValueError as err:
+        raise CorruptShardError(path, offset, str(err)[:300]) from None
+    if any(name not in meta for name in ("dataset", "task", "seed")):
+        raise CorruptShardError(path, offset, f"meta.json of {key} lacks dataset/task/seed")
+    problem = meta_problem(meta)
+    if problem:
+        raise CorruptShardError(path, offset, f"meta.json of {key}: {problem}")
+    found = (meta["dataset"], meta["task"], meta["seed"])
     if found != expected:
         raise CorruptShardError(path, offset, f"meta.json of {key} describes {found}, not the key {expected}")
     return meta
@@ -451,10 +703,16 @@ def check_weights(path: str, key: str, offset: int, data: bytes, meta: dict, mem
     digest = meta.get(f"{what}_sha256")
     if (digest is not None or member != WEIGHTS) and sha256_bytes(data) != digest:
         raise CorruptShardError(path, offset, f"{what} of {key} do not match their SHA-256 in meta.json")
+    return parse_safetensors(path, key, offset, data, what)
+
+
+def parse_safetensors(path: str, key: str, offset: int, data: bytes, what: str = "weights") -> dict[str, Tensor]:
+    """Tensors of a safetensors file (never unpickles); any failure is a :class:`CorruptShardError`."""
     try:
         return load_safetensors(data)
-    except (SafetensorError, ValueError, RuntimeError) as err:
-        raise CorruptShardError(path, offset, f"{what} of {key} are not a valid safetensors file ({err})") from err
+    except Exception as err:  # SafetensorError, or anything else a hostile file provokes: a corrupt shard
+        raise CorruptShardError(path, offset, f"{what} of {key} are not a valid safetensors file "
+                                f"({type(err).__name__}: {str(err)[:200]})") from None
 
 
 def _checked_samples(path: str, stream) -> Iterator[tuple[str, dict, dict[str, tuple[int, int]]]]:
@@ -527,7 +785,7 @@ def read_raw(entry: Entry, stream=None, snapshots: bool = False) -> tuple[bytes,
 def read_entry(entry: Entry, stream=None, snapshots: bool = False) -> Network:
     """The network of an indexed copy (checked); with ``snapshots``, its weights along training too."""
     weights, meta_bytes, snaps = read_raw(entry, stream, snapshots)
-    meta = json.loads(meta_bytes)
+    meta = parse_meta(entry.shard, entry.key, entry.meta_offset, meta_bytes)
     return Network(entry.key, check_weights(entry.shard, entry.key, entry.weights_offset, weights, meta), meta,
                    None if snaps is None else check_weights(entry.shard, entry.key, entry.snapshots_offset, snaps,
                                                             meta, SNAPSHOTS))
@@ -544,7 +802,8 @@ def read_shard(shard: str | os.PathLike, verify: bool = True) -> Iterator[Networ
         for key, meta, members in _checked_samples(path, stream):
             w_offset, w_size = members[WEIGHTS]
             data = _read_at(stream, path, w_offset, w_size, f"{key}.{WEIGHTS}")
-            weights = check_weights(path, key, w_offset, data, meta) if verify else load_safetensors(data)
+            weights = check_weights(path, key, w_offset, data, meta) if verify else parse_safetensors(path, key,
+                                                                                                   w_offset, data)
             if verify and SNAPSHOTS in members:
                 s_offset, s_size = members[SNAPSHOTS]
                 check_weights(path, key, s_offset, _read_at(stream, path, s_offset, s_size, f"{key}.{SNAPSHOTS}"),
@@ -562,6 +821,9 @@ def decode(sample: dict) -> Network:
     unknown = sorted(e for e in sample if not e.startswith("__") and e not in MEMBERS)
     if unknown:
         raise CorruptShardError(source, -1, f"sample {key} has members MLDS does not write: {', '.join(unknown)}")
+    for member in (e for e in MEMBERS if e in sample):
+        if not isinstance(sample[member], (bytes, bytearray)) or len(sample[member]) > member_limit(member):
+            raise CorruptShardError(source, -1, f"{key}.{member} is not raw bytes within {member_limit(member)} bytes")
     meta = parse_meta(source, key, -1, sample[META])
     snapshots = sample.get(SNAPSHOTS)
     return Network(key, check_weights(source, key, -1, sample[WEIGHTS], meta), meta,
@@ -585,6 +847,15 @@ class Catalog:
     duplicates: int
     conflicts: dict[str, list[Entry]]
     corrupt: list[CorruptShardError]
+    copies: dict[str, list[Entry]] = field(default_factory=dict)  # every copy of every key, shard path order
+
+    def recipes(self, dataset: str, task: str) -> dict[str, int]:
+        """Networks (keys) of a task per recipe, counting every recipe a key is stored under."""
+        counts: dict[str, int] = defaultdict(int)
+        for seed, chosen in self.networks.get((dataset, task), {}).items():
+            for recipe in sorted({c.recipe for c in self.copies.get(chosen.key, [chosen])}):
+                counts[recipe] += 1
+        return dict(sorted(counts.items(), key=lambda rc: (-rc[1], rc[0])))
 
     def tasks(self, dataset: str) -> list[str]:
         return sorted(t for d, t in self.networks if d == dataset)
@@ -611,7 +882,35 @@ def build_catalog(indexes: Iterable[ShardIndex], corrupt: Iterable[CorruptShardE
         items = sorted(task_networks.items())
         task_networks.clear()
         task_networks.update(items)
-    return Catalog(dict(networks), duplicates, conflicts, list(corrupt))
+    return Catalog(dict(networks), duplicates, conflicts, list(corrupt), dict(copies))
+
+
+def contained_path(base: str | os.PathLike, rel) -> Path:
+    """``base / rel`` for a relative POSIX path ``rel`` that stays inside ``base`` (no absolute path,
+    no ``..``, no link leading out); anything else raises ``ValueError``. For paths read from files
+    (a package's manifest), which must never make MLDS read outside the folder."""
+    base = Path(base)
+    if not isinstance(rel, str) or not rel or rel.startswith(("/", "\\")) or "\\" in rel or "\0" in rel \
+            or any(part in ("", ".", "..") for part in rel.split("/")) or (len(rel) > 1 and rel[1] == ":"):
+        raise ValueError(f"{rel!r} is not a relative path inside {base}")
+    path = base / rel
+    try:
+        inside = path.resolve().is_relative_to(base.resolve())
+    except (OSError, RuntimeError):  # a link loop
+        inside = False
+    if not inside:
+        raise ValueError(f"{rel!r} leads outside {base} (a symbolic link)")
+    return path
+
+
+def _links_between(root: Path, path: Path) -> bool:
+    """Whether a folder between ``root`` (excluded) and ``path`` (excluded) is a symbolic link."""
+    node = root
+    for part in path.relative_to(root).parts[:-1]:
+        node = node / part
+        if node.is_symlink():
+            return True
+    return False
 
 
 def _fsync_dir(folder: Path) -> None:
