@@ -26,3 +26,11 @@ def run_train(*overrides, check=True, timeout=300):
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def pytest_configure(config):
+    """One torch thread, as every training job uses (``train.threads=1``): small operators are fastest
+    so, and timings do not collapse when the other cores are busy."""
+    import torch
+
+    torch.set_num_threads(1)
