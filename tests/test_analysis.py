@@ -128,7 +128,8 @@ def test_invariant_features_do_not_see_permutations_or_sign_flips(spec):
         assert np.allclose(features.FEATURES[name](plain), features.FEATURES[name](moved), atol=1e-6), name
     if spec["kind"] == "recurrent":  # candidate-block input rows sum to >= 0 in the canonical form
         w = canonical.canonicalize(batch, spec)["rnn.weight_ih_l0"]
-        rows = w.reshape(4, canonical.GATES[spec["cell"]], spec["hidden_size"], -1)[:, canonical.CANDIDATE[spec["cell"]]]
+        gates = canonical.GATES[spec["cell"]]
+        rows = w.reshape(4, gates, spec["hidden_size"], -1)[:, canonical.CANDIDATE[spec["cell"]]]
         assert bool((rows.sum(-1) >= 0).all())
 
 

@@ -80,13 +80,13 @@ def unit_groups(spec: dict) -> list[UnitGroup]:
         if cell not in GATES:
             raise ValueError(f"unknown recurrent cell {cell!r}")
         g = GATES[cell]
-        for l in range(layers):
-            nxt = Part(f"rnn.weight_ih_l{l + 1}", 1) if l + 1 < layers else Part("head.0.weight", 1)
+        for k in range(layers):
+            nxt = Part(f"rnn.weight_ih_l{k + 1}", 1) if k + 1 < layers else Part("head.0.weight", 1)
             groups.append(UnitGroup(
-                f"rnn.l{l}", hidden,
-                (Part(f"rnn.weight_ih_l{l}", 0, g), Part(f"rnn.weight_hh_l{l}", 0, g),
-                 Part(f"rnn.bias_ih_l{l}", 0, g), Part(f"rnn.bias_hh_l{l}", 0, g)),
-                (Part(f"rnn.weight_hh_l{l}", 1), nxt), CANDIDATE[cell]))
+                f"rnn.l{k}", hidden,
+                (Part(f"rnn.weight_ih_l{k}", 0, g), Part(f"rnn.weight_hh_l{k}", 0, g),
+                 Part(f"rnn.bias_ih_l{k}", 0, g), Part(f"rnn.bias_hh_l{k}", 0, g)),
+                (Part(f"rnn.weight_hh_l{k}", 1), nxt), CANDIDATE[cell]))
         for i, size in enumerate(spec["head_sizes"]):
             groups.append(UnitGroup(f"head.{2 * i}", int(size),
                                     (Part(f"head.{2 * i}.weight", 0), Part(f"head.{2 * i}.bias", 0)),

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mlds.zoo.reader import Slot, ZooDataset, flatten, unflatten, weight_layout
+from mlds.zoo.reader import Slot, ZooDataset, flatten, weight_layout
 from mlds.zoo.splits import split_of
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def task_order(dataset: str, tasks) -> list[str]:
     try:
         from mlds.datasets import DATASETS
         table = list(DATASETS[dataset].tasks) if dataset in DATASETS else []
-    except Exception:  # noqa: BLE001 -- the order is cosmetic; never fail an analysis on it
+    except Exception:  # the order is cosmetic; never fail an analysis on it
         table = []
     present = set(tasks)
     return [t for t in table if t in present] + sorted(present - set(table))
@@ -110,4 +110,4 @@ def from_state_dicts(group: Group, weights: dict[str, Tensor]) -> Tensor:
     return torch.cat([weights[s.name].reshape(n, -1).to(torch.float32) for s in group.layout], dim=1)
 
 
-__all__ = ["Group", "from_state_dicts", "load_zoo", "task_order", "unflatten"]
+__all__ = ["Group", "from_state_dicts", "load_zoo", "task_order"]

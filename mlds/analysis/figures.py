@@ -18,8 +18,8 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
 MARKERS = "o^sDvP*X"
 
@@ -187,7 +187,7 @@ def auroc_bars(path: Path, results: dict[str, dict], title: str = "backdoor dete
     combos = list(dict.fromkeys(f"{r['features']}/{r['model']}" for r in results.values()))
     width = 0.8 / max(1, len(combos))
     colours = _colours(len(combos))
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(pairs) * max(1, len(combos)) * 0.35 + 3), 4.0))
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(pairs) + 2.5), 4.0))
     for k, combo in enumerate(combos):
         vals = [next((r["auroc"] for r in results.values() if r["pair"] == p and f"{r['features']}/{r['model']}" ==
                       combo), np.nan) for p in pairs]

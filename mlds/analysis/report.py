@@ -8,8 +8,8 @@ scripts need not parse keys)::
     {"source": ..., "zoo": {"networks", "datasets": {ds: {"architecture", "params", "networks", "converged",
                              "tasks": {task: {"networks", "converged", "train", "val", "test"}}}}},
      "splits": {"rule", "version", "fractions"}, "features": {name: description},
-     "task_identification": {"<dataset>/<features>/<model>":
-                             {"accuracy", "chance", "control_accuracy", "n_train", "n_test", "classes", "confusion", ...}},
+     "task_identification": {"<dataset>/<features>/<model>": {"accuracy", "chance", "control_accuracy",
+                             "n_train", "n_test", "classes", "confusion", ...}},
      "backdoor_detection":  {"<pair>/<features>/<model>": {"auroc", "control_auroc", "n_train", "n_test", ...}},
      "accuracy_prediction": {"<dataset>:<target>/<features>/<model>":
                              {"r2", "kendall_tau", "baseline_r2", "control_r2", "n_train", "n_test",
@@ -272,8 +272,8 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
         a.skip(s["probe"], s["dataset"], s["reason"])
     if not groups:
         raise ValueError(f"no networks in {source}")
-    echo(f"read {sum(len(g) for g in groups.values())} networks ({', '.join(f'{d}: {len(g)}' for d, g in groups.items())})"
-         f" in {time.perf_counter() - started:.1f} s")
+    counts = ", ".join(f"{d}: {len(g)}" for d, g in groups.items())
+    echo(f"read {sum(len(g) for g in groups.values())} networks ({counts}) in {time.perf_counter() - started:.1f} s")
     names = list(dict.fromkeys(features))
     feats = {ds: F.compute(g, names) for ds, g in groups.items()}
     result: dict = {
@@ -328,7 +328,8 @@ def summary(result: dict) -> str:
         for d, v in z["datasets"].items()))
     if result["task_identification"]:
         lines.append("\ntask identification (test accuracy)")
-        lines.append(f"  {'dataset/features/model':34} {'acc':>6} {'chance':>6} {'control':>7} {'train':>5} {'test':>5}")
+        lines.append(f"  {'dataset/features/model':34} {'acc':>6} {'chance':>6} {'control':>7} {'train':>5} "
+                     f"{'test':>5}")
         for k, r in result["task_identification"].items():
             lines.append(f"  {k:34} {_fmt(r['accuracy']):>6} {_fmt(r['chance'], 2):>6} "
                          f"{_fmt(r['control_accuracy']):>7} {r['n_train']:>5} {r['n_test']:>5}")
