@@ -171,9 +171,17 @@ def test_planted_signal_is_found_and_shuffled_labels_score_at_chance():
     X0, y0, s0 = _features(signal=0.0, seed=1)  # nothing planted: chance
     assert abs(probes.detect(X0, y0, s0, "logreg")["auroc"] - 0.5) < 0.2
     target = X[:, 0] + 0.1 * np.random.default_rng(2).normal(size=len(y))
-    r = probes.regress(X, target, splits, "ridge")
-    assert r["r2"] > 0.8 and r["kendall_tau"] > 0.6 and r["control_r2"] < 0.2
-    assert -1 <= r["kendall_tau"] <= 1
+    for model in probes.REGRESSORS:
+        r = probes.regress(X, target, splits, model, control_repeats=3)
+        assert r["r2"] > 0.8 and r["kendall_tau"] > 0.6 and r["control_r2"] < 0.2, (model, r)
+        assert -1 <= r["kendall_tau"] <= 1
+    # cross-validation on the training side sees the planted signal too, and only the training side
+    seeds = np.r_[np.arange(40), np.arange(40)]
+    assert probes.cv_score(X, y, splits, seeds, "logreg", "classify") >= 0.9
+    assert probes.cv_score(X, target, splits, seeds, "ridge", "regress") > 0.8
+    X_test_garbage = X.copy()
+    X_test_garbage[splits == "test"] = np.nan  # the test side is never read
+    assert probes.cv_score(X_test_garbage, y, splits, seeds, "logreg", "detect") >= 0.95
 
 
 def test_probes_refuse_what_does_not_apply():
@@ -211,6 +219,14 @@ def test_analysis_finds_planted_networks_and_writes_json_and_figures(tmp_path):
     assert acc["target"] == "test_acc" and len(acc["y_true"]) == len(acc["y_pred"]) == acc["n_test"]
     for r in result["task_identification"].values():
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["control_accuracy"] <= 1
+    # the number to quote per probe: the cell chosen by cross-validation on train + val, with its test value
+    chosen = result["task_identification"]["ds1/selected/cv"]
+    assert chosen["cv_score"] == max(chosen["cv_scores"].values()) and set(chosen["cv_scores"]) <= {
+        f"{f}/logreg" for f in ("raw", "stats", "io", "canon")}
+    assert chosen["accuracy"] == result["task_identification"][f"ds1/{chosen['chosen']}"]["accuracy"]
+    assert "ds1-vs-ds2:parity/selected/cv" in result["backdoor_detection"]
+    assert "ds1:test_acc/selected/cv" in result["accuracy_prediction"]
+    assert "<- " in summary(result)
     # ds2 holds one machine: its task identification is skipped, with the reason
     assert any(s["probe"] == "task_identification" and s["scope"] == "ds2" and "one task" in s["reason"]
                for s in result["skipped"])

@@ -14,10 +14,16 @@ than one would guess, hence the average.
 
 Models:
 
-- classification: ``logreg`` (standardise, multinomial logistic regression, C=1) and
-  ``hgb`` (``HistGradientBoostingClassifier``);
+- classification: ``logreg`` (standardise, multinomial logistic regression, C=1),
+  ``hgb`` (``HistGradientBoostingClassifier``) and ``mlp`` (standardise, one hidden layer of 64
+  ReLU units, L2 penalty alpha=1);
 - regression: ``ridge`` (standardise, ``RidgeCV`` over alphas 1e-2..1e4, efficient leave-one-out on
-  the training side) and ``hgb`` (``HistGradientBoostingRegressor``).
+  the training side), ``hgb`` (``HistGradientBoostingRegressor``) and ``mlp`` (as above).
+
+Model selection (:func:`cv_score`): the fixed split's test side is scored once per cell;
+choosing a feature set and model is done by cross-validation on the training side alone,
+folds grouped by seed (networks of one seed share their initial weights) and, for classes,
+stratified.
 
 Tree models on more than :data:`MAX_TREE_FEATURES` features (flattened
 weights) first project onto at most 64 principal components fitted on the
@@ -33,13 +39,16 @@ from sklearn.decomposition import PCA
 from sklearn.ensemble import HistGradientBoostingClassifier, HistGradientBoostingRegressor
 from sklearn.linear_model import LogisticRegression, RidgeCV
 from sklearn.metrics import confusion_matrix, r2_score, roc_auc_score
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
+from sklearn.neural_network import MLPClassifier, MLPRegressor
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 MAX_TREE_FEATURES = 1024
 PCA_COMPONENTS = 64
-CLASSIFIERS = ("logreg", "hgb")
-REGRESSORS = ("ridge", "hgb")
+CLASSIFIERS = ("logreg", "hgb", "mlp")
+REGRESSORS = ("ridge", "hgb", "mlp")
+CV_FOLDS = 5
 MIN_TRAIN_PER_CLASS = 1
 MIN_TRAIN_REGRESSION, MIN_TEST_REGRESSION = 5, 3
 
@@ -68,6 +77,9 @@ def _tree_steps(n_features: int, n_train: int) -> tuple[list, str | None]:
     return [StandardScaler(), PCA(n_components=k, random_state=0)], f"standardise + PCA({k})"
 
 
+MLP = dict(hidden_layer_sizes=(64,), alpha=1.0, max_iter=2000, random_state=0)
+
+
 def make_model(name: str, task: str, n_features: int, n_train: int) -> tuple[Pipeline, str | None]:
     """A fresh model and a description of its preprocessing (None: none beyond the model's own)."""
     leaf = int(min(20, max(2, n_train // 10)))
@@ -78,6 +90,8 @@ def make_model(name: str, task: str, n_features: int, n_train: int) -> tuple[Pip
             steps, pre = _tree_steps(n_features, n_train)
             return make_pipeline(*steps, HistGradientBoostingClassifier(
                 max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
+        if name == "mlp":
+            return make_pipeline(StandardScaler(), MLPClassifier(**MLP)), "standardise"
     elif task == "regress":
         if name == "ridge":
             return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))), "standardise"
@@ -85,6 +99,8 @@ def make_model(name: str, task: str, n_features: int, n_train: int) -> tuple[Pip
             steps, pre = _tree_steps(n_features, n_train)
             return make_pipeline(*steps, HistGradientBoostingRegressor(
                 max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
+        if name == "mlp":
+            return make_pipeline(StandardScaler(), MLPRegressor(**MLP)), "standardise"
     raise ValueError(f"unknown {task} model {name!r}; choose from "
                      f"{', '.join(CLASSIFIERS if task == 'classify' else REGRESSORS)}")
 
@@ -175,6 +191,39 @@ def detect(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int = 
     if pre:
         out["preprocess"] = pre
     return out
+
+
+def cv_score(X: np.ndarray, y, splits, seeds, model: str, kind: str) -> float | None:
+    """Cross-validated score of ``model`` on the training side (train + val) only: accuracy
+    (``kind="classify"``), AUROC (``"detect"``) or R^2 (``"regress"``), the mean over up to
+    :data:`CV_FOLDS` folds grouped by seed (stratified for classes). None when the training side
+    is too small to fold."""
+    y = np.asarray(y)
+    tr = Sides.of(splits).train
+    X, y, groups = X[tr], y[tr], np.asarray(seeds)[tr]
+    n_groups = len(np.unique(groups))
+    if kind == "regress":
+        folds = min(CV_FOLDS, n_groups)
+        splitter = GroupKFold(n_splits=folds) if folds >= 2 else None
+    else:
+        folds = min(CV_FOLDS, n_groups, int(np.unique(y, return_counts=True)[1].min()))
+        splitter = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=0) if folds >= 2 else None
+    if splitter is None:
+        return None
+    task = "regress" if kind == "regress" else "classify"
+    scores = []
+    for fit, held in splitter.split(X, y, groups):
+        if kind != "regress" and len(np.unique(y[fit])) < 2:
+            continue
+        est = make_model(model, task, X.shape[1], len(fit))[0].fit(X[fit], y[fit])
+        if kind == "classify":
+            scores.append(float(np.mean(est.predict(X[held]) == y[held])))
+        elif kind == "detect":
+            if len(np.unique(y[held])) == 2:
+                scores.append(float(roc_auc_score(y[held], est.predict_proba(X[held])[:, 1])))
+        elif np.ptp(y[held]) > 0:
+            scores.append(float(r2_score(y[held], est.predict(X[held]))))
+    return float(np.mean(scores)) if scores else None
 
 
 def _mean(values: list[float]) -> float | None:

@@ -49,14 +49,35 @@ PAIR_DS = ("ds1", "ds2")
 class Analysis:
     """State of one run: the result dict and how to report skipped probes."""
 
-    def __init__(self, echo: Callable[[str], None], control_repeats: int = probes.CONTROL_REPEATS):
+    def __init__(self, echo: Callable[[str], None], control_repeats: int = probes.CONTROL_REPEATS,
+                 select: bool = True):
         self.echo = echo
         self.repeats = int(control_repeats)
+        self.select_models = select
         self.skipped: list[dict] = []
 
     def skip(self, probe: str, scope: str, reason: str) -> None:
         self.skipped.append({"probe": probe, "scope": scope, "reason": reason})
         self.echo(f"skipped {probe} [{scope}]: {reason}")
+
+    def select(self, result: dict, scope: str, names, models, X_of: Callable[[str], np.ndarray], y, splits, seeds,
+               kind: str) -> None:
+        """Add ``<scope>/selected/cv``: the (features, model) cell of ``scope`` with the best
+        cross-validated score on the training side (:func:`mlds.analysis.probes.cv_score`), with
+        that cell's test result -- the number to quote, chosen without looking at the test split."""
+        if not self.select_models:
+            return
+        cv = {}
+        for f, m in ((f, m) for f in names for m in models if f"{scope}/{f}/{m}" in result):
+            v = probes.cv_score(X_of(f), y, splits, seeds, m, kind)
+            if v is not None:
+                cv[f"{f}/{m}"] = v
+        if not cv:
+            self.skip("model_selection", scope, "too few training networks to cross-validate")
+            return
+        chosen = max(cv, key=cv.get)
+        result[f"{scope}/selected/cv"] = {**result[f"{scope}/{chosen}"], "features": "selected", "model": "cv",
+                                          "chosen": chosen, "cv_score": cv[chosen], "cv_scores": cv}
 
 
 def zoo_summary(groups: dict[str, Group]) -> dict:
@@ -87,6 +108,9 @@ def _task_identification(a: Analysis, groups, feats, names, classifiers, result)
                     result[f"{ds}/{f}/{m}"] = {"dataset": ds, "features": f, "model": m, **r}
         except probes.Skip as err:
             a.skip("task_identification", ds, str(err))
+            continue
+        a.select(result, ds, names, classifiers, lambda f: feats[ds][f], np.array(g.tasks), g.splits, g.seeds,
+                 "classify")
 
 
 def _pairs(a: Analysis, groups) -> list[tuple[str, Group, np.ndarray, Group, np.ndarray]]:
@@ -131,14 +155,21 @@ def _backdoor_detection(a: Analysis, groups, feats, names, classifiers, result) 
     for pair, gn, mn, gp, mp in _pairs(a, groups):
         y = np.r_[np.zeros(int(mn.sum()), int), np.ones(int(mp.sum()), int)]
         splits = np.r_[gn.splits[mn], gp.splits[mp]]
+        seeds = np.r_[gn.seeds[mn], gp.seeds[mp]]
+
+        def X_of(f: str, gn=gn, mn=mn, gp=gp, mp=mp) -> np.ndarray:
+            return np.concatenate([feats[gn.dataset][f][mn], feats[gp.dataset][f][mp]])
+
         try:
             for f in names:
-                X = np.concatenate([feats[gn.dataset][f][mn], feats[gp.dataset][f][mp]])
+                X = X_of(f)
                 for m in classifiers:
                     r = probes.detect(X, y, splits, m, control_repeats=a.repeats)
                     result[f"{pair}/{f}/{m}"] = {"pair": pair, "features": f, "model": m, **r}
         except probes.Skip as err:
             a.skip("backdoor_detection", pair, str(err))
+            continue
+        a.select(result, pair, names, classifiers, X_of, y, splits, seeds, "detect")
 
 
 def _targets(g: Group) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -171,6 +202,9 @@ def _accuracy_prediction(a: Analysis, groups, feats, names, regressors, result) 
                         result[f"{scope}/{f}/{m}"] = {"dataset": ds, "target": target, "features": f, "model": m, **r}
             except probes.Skip as err:
                 a.skip("accuracy_prediction", scope, str(err))
+                continue
+            a.select(result, scope, names, regressors, lambda f, ds=ds, mask=mask: feats[ds][f][mask], y, splits,
+                     g.seeds[mask], "regress")
 
 
 def _canonicalisation(result: dict) -> dict:
@@ -213,38 +247,49 @@ def _figures(a: Analysis, out: Path, groups, feats, result, tsne: bool) -> list[
     if rows:
         made.append(fig.convergence(out / "convergence.png", rows))
     for ds in groups:
-        mine = [r for r in result["task_identification"].values() if r["dataset"] == ds]
-        if mine:
-            best = max(mine, key=lambda r: r["accuracy"])
+        best = _shown(result["task_identification"], ds, "accuracy")
+        if best:
             made.append(fig.confusion(out / f"confusion_{ds}.png", best["confusion"], best["classes"],
-                                      f"{ds} task identification, {best['features']}/{best['model']}: "
+                                      f"{ds} task identification, {_cell(best)}: "
                                       f"accuracy {best['accuracy']:.3f} (chance {best['chance']:.2f})"))
     if result["backdoor_detection"]:
         made.append(fig.auroc_bars(out / "backdoor_auroc.png", result["backdoor_detection"]))
     for ds in groups:
-        mine = [r for r in result["accuracy_prediction"].values()
-                if r["dataset"] == ds and r["target"] == "test_acc" and "y_pred" in r]
-        if mine:
-            best = max(mine, key=lambda r: r["r2"])
+        best = _shown(result["accuracy_prediction"], f"{ds}:test_acc", "r2")
+        if best and "y_pred" in best:
             tau = best["kendall_tau"]
             made.append(fig.prediction_scatter(out / f"accuracy_prediction_{ds}.png", best["y_true"],
-                                               best["y_pred"], f"{ds} test accuracy, {best['features']}/"
-                                               f"{best['model']}: R² {best['r2']:.2f}, τ "
-                                               f"{'n/a' if tau is None else f'{tau:.2f}'}", "test accuracy"))
+                                               best["y_pred"], f"{ds} test accuracy, {_cell(best)}: R² "
+                                               f"{best['r2']:.2f}, τ {'n/a' if tau is None else f'{tau:.2f}'}",
+                                               "test accuracy"))
     return [str(p) for p in made]
+
+
+def _shown(section: dict, scope: str, metric: str) -> dict | None:
+    """The result a figure shows for ``scope``: the cross-validated choice, else the best test value
+    (model selection off)."""
+    if f"{scope}/selected/cv" in section:
+        return section[f"{scope}/selected/cv"]
+    mine = [r for k, r in section.items() if k.rsplit("/", 2)[0] == scope and r.get("model") != "task_mean"]
+    return max(mine, key=lambda r: r[metric]) if mine else None
+
+
+def _cell(r: dict) -> str:
+    return f"{r['chosen']} (chosen by CV on train+val)" if "chosen" in r else f"{r['features']}/{r['model']}"
 
 
 def analyze(source, out, *, features: Sequence[str] = DEFAULT_FEATURES,
             classifiers: Sequence[str] = probes.CLASSIFIERS, regressors: Sequence[str] = probes.REGRESSORS,
             tsne: bool = True, figures: bool = True, on_conflict: str = "error", datasets=None,
-            control_repeats: int = probes.CONTROL_REPEATS, threads: int | None = None,
+            control_repeats: int = probes.CONTROL_REPEATS, threads: int | None = None, select: bool = True,
             echo: Callable[[str], None] | None = None) -> dict:
     """Run every probe that applies to the zoo at ``source``; write ``<out>/analysis.json`` and figures.
 
-    ``threads``: cap on BLAS/OpenMP threads (scikit-learn, numpy) while it runs (None: their default)."""
+    ``threads``: cap on BLAS/OpenMP threads (scikit-learn, numpy) while it runs (None: their default).
+    ``select``: add each scope's cross-validated choice of features and model (``<scope>/selected/cv``)."""
     if threads is None:
         return _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets,
-                        control_repeats, echo)
+                        control_repeats, select, echo)
     from threadpoolctl import threadpool_limits
     import torch
     before = torch.get_num_threads()
@@ -252,13 +297,13 @@ def analyze(source, out, *, features: Sequence[str] = DEFAULT_FEATURES,
     try:
         with threadpool_limits(int(threads)):
             return _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets,
-                            control_repeats, echo)
+                            control_repeats, select, echo)
     finally:
         torch.set_num_threads(before)
 
 
 def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets, control_repeats,
-             echo) -> dict:
+             select, echo) -> dict:
     echo = echo or (lambda s: print(s, file=sys.stderr))
     started = time.perf_counter()
     out = Path(out)
@@ -266,7 +311,7 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
     unknown = sorted(set(features) - set(F.FEATURES))
     if unknown:
         raise ValueError(f"unknown feature sets {unknown}; known: {', '.join(F.FEATURES)}")
-    a = Analysis(echo, control_repeats)
+    a = Analysis(echo, control_repeats, select)
     groups, load_skips = load_zoo(source, on_conflict=on_conflict, datasets=datasets)
     for s in load_skips:
         a.skip(s["probe"], s["dataset"], s["reason"])
@@ -284,6 +329,9 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
                            "score on test."},
         "features": {n: F.DESCRIPTIONS[n] for n in names},
         "protocol": {"fit": "train + val splits", "score": "test split", "classifiers": list(classifiers),
+                     "selection": (f"<scope>/selected/cv: the features/model cell with the best {probes.CV_FOLDS}-fold "
+                                   "cross-validated score on train + val (folds grouped by seed), reported on test"
+                                   if select else "off"),
                      "regressors": list(regressors), "control": f"labels (targets) of the training side randomly "
                      f"permuted, mean of {control_repeats} permutations", "tree_models": "more than "
                      f"{probes.MAX_TREE_FEATURES} features: standardise + PCA(<= {probes.PCA_COMPONENTS}) first"},
@@ -319,6 +367,21 @@ def _fmt(v, digits=3) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
+_N_TRAIN = ("train", 5, lambda r: r["n_train"])
+_N_TEST = ("test", 5, lambda r: r["n_test"])
+SUMMARY_TABLES = (  # section, title, key column header and width, (header, width, value) columns
+    ("task_identification", "task identification (test accuracy)", "dataset/features/model", 34,
+     (("acc", 6, lambda r: _fmt(r["accuracy"])), ("chance", 6, lambda r: _fmt(r["chance"], 2)),
+      ("control", 7, lambda r: _fmt(r["control_accuracy"])), _N_TRAIN, _N_TEST)),
+    ("backdoor_detection", "backdoor detection (test AUROC; chance 0.5)", "pair/features/model", 44,
+     (("AUROC", 6, lambda r: _fmt(r["auroc"])), ("control", 7, lambda r: _fmt(r["control_auroc"])), _N_TRAIN,
+      _N_TEST)),
+    ("accuracy_prediction", "accuracy prediction (test R², Kendall τ)", "dataset:target/features/model", 48,
+     (("R2", 7, lambda r: _fmt(r["r2"])), ("tau", 6, lambda r: _fmt(r["kendall_tau"], 2)),
+      ("control R2", 10, lambda r: _fmt(r.get("control_r2"))), _N_TEST)),
+)
+
+
 def summary(result: dict) -> str:
     """A short plain-text table of every probe result."""
     lines = []
@@ -326,25 +389,14 @@ def summary(result: dict) -> str:
     lines.append(f"zoo: {z['networks']} networks · " + ", ".join(
         f"{d}: {v['networks']} ({v['converged']} converged, {len(v['tasks'])} tasks, {v['params']} params)"
         for d, v in z["datasets"].items()))
-    if result["task_identification"]:
-        lines.append("\ntask identification (test accuracy)")
-        lines.append(f"  {'dataset/features/model':34} {'acc':>6} {'chance':>6} {'control':>7} {'train':>5} "
-                     f"{'test':>5}")
-        for k, r in result["task_identification"].items():
-            lines.append(f"  {k:34} {_fmt(r['accuracy']):>6} {_fmt(r['chance'], 2):>6} "
-                         f"{_fmt(r['control_accuracy']):>7} {r['n_train']:>5} {r['n_test']:>5}")
-    if result["backdoor_detection"]:
-        lines.append("\nbackdoor detection (test AUROC; chance 0.5)")
-        lines.append(f"  {'pair/features/model':44} {'AUROC':>6} {'control':>7} {'train':>5} {'test':>5}")
-        for k, r in result["backdoor_detection"].items():
-            lines.append(f"  {k:44} {_fmt(r['auroc']):>6} {_fmt(r['control_auroc']):>7} {r['n_train']:>5} "
-                         f"{r['n_test']:>5}")
-    if result["accuracy_prediction"]:
-        lines.append("\naccuracy prediction (test R², Kendall τ)")
-        lines.append(f"  {'dataset:target/features/model':48} {'R2':>7} {'tau':>6} {'control R2':>10} {'test':>5}")
-        for k, r in result["accuracy_prediction"].items():
-            lines.append(f"  {k:48} {_fmt(r['r2']):>7} {_fmt(r['kendall_tau'], 2):>6} "
-                         f"{_fmt(r.get('control_r2')):>10} {r['n_test']:>5}")
+    for section, title, key_header, width, columns in SUMMARY_TABLES:
+        if not result[section]:
+            continue
+        lines.append(f"\n{title}")
+        lines.append(f"  {key_header:{width}} " + " ".join(f"{h:>{w}}" for h, w, _ in columns))
+        for k, r in result[section].items():
+            chosen = f"  <- {r['chosen']} (CV {r['cv_score']:.3f})" if "chosen" in r else ""
+            lines.append(f"  {k:{width}} " + " ".join(f"{str(v(r)):>{w}}" for _, w, v in columns) + chosen)
     if result.get("canonicalisation"):
         gains = [v["gain"] for v in result["canonicalisation"].values()]
         helped = sum(g > 0 for g in gains)
@@ -369,6 +421,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--control-repeats", type=int, default=probes.CONTROL_REPEATS,
                    help="shuffled-label controls per probe, averaged (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="cap on BLAS/OpenMP threads (default: library default)")
+    p.add_argument("--no-select", action="store_true",
+                   help="skip the cross-validated choice of features and model per probe (faster)")
     p.add_argument("--on-conflict", choices=("error", "first"), default="error",
                    help="a key stored in two different versions: stop (default) or keep the first")
     return p.parse_args(argv)
@@ -381,7 +435,7 @@ def main(argv=None) -> int:
         result = analyze(args.source, args.out, features=split(args.features), classifiers=split(args.classifiers),
                          regressors=split(args.regressors), tsne=not args.no_tsne, figures=not args.no_figures,
                          on_conflict=args.on_conflict, datasets=args.dataset,
-                         control_repeats=args.control_repeats, threads=args.threads)
+                         control_repeats=args.control_repeats, threads=args.threads, select=not args.no_select)
     except (ValueError, FileNotFoundError) as err:
         print(f"analyze: {err}", file=sys.stderr)
         return 2
