@@ -146,6 +146,26 @@ def test_canonicalisation_moves_every_gate_block_together():
         canonical.unit_groups({"kind": "transformer"})
 
 
+@pytest.mark.parametrize("spec", [GRU_SPEC, SMALL_LSTM, CONV_SPEC], ids=["gru", "lstm", "conv"])
+def test_unit_features_and_deepsets_do_not_see_hidden_unit_order(spec, tmp_path):
+    import dataclasses
+
+    from mlds.analysis.data import from_state_dicts, load_zoo
+    from mlds.analysis.unit_sets import UnitSetModel, layer_views, unit_features
+    write_zoo(tmp_path, "ds1", ["parity", "eight_bit"], range(6), spec=spec, shift={"parity": {}})
+    group = load_zoo(tmp_path)[0]["ds1"]
+    shuffled = canonical.permute(group.state_dicts(), spec, torch.Generator().manual_seed(1))  # + sign flips
+    twin = dataclasses.replace(group, vectors=from_state_dicts(group, shuffled))
+    assert not torch.allclose(twin.vectors, group.vectors)
+    (X, layout), (X2, layout2) = unit_features(group), unit_features(twin)
+    assert layout == layout2 and [units for _, units, _ in layout] == [g.size for g in canonical.unit_groups(spec)]
+    for a, b in zip(layer_views(torch.as_tensor(X), layout), layer_views(torch.as_tensor(X2), layout)):
+        assert not torch.allclose(a, b) or a.shape[1] == 1  # the rows moved ...
+        torch.testing.assert_close(a.sort(1).values, b.sort(1).values)  # ... and are the same set of units
+    model = UnitSetModel(layout, epochs=20).fit(X, np.array(group.tasks))
+    np.testing.assert_allclose(model.predict_proba(X), model.predict_proba(X2), atol=1e-5)
+
+
 # --------------------------------------------------------------------------- probes
 
 def _features(n_per_class=40, signal=1.0, dims=20, seed=0):
@@ -158,21 +178,29 @@ def _features(n_per_class=40, signal=1.0, dims=20, seed=0):
     return X, y, splits
 
 
+UNITS_20 = [("layer", 4, 5)]  # the 20 synthetic features read as 4 units of 5 (for deepsets)
+
+
 def test_planted_signal_is_found_and_shuffled_labels_score_at_chance():
     from threadpoolctl import threadpool_limits
     X, y, splits = _features(signal=1.0)
     with threadpool_limits(1):  # OpenMP threads only add contention on these tiny fits
         for model in probes.CLASSIFIERS:
-            r = probes.classify(X, y, splits, model, control_repeats=6)
+            layout = UNITS_20 if model == "deepsets" else None
+            r = probes.classify(X, y, splits, model, control_repeats=6, layout=layout)
             assert r["accuracy"] >= 0.9, (model, r)
             assert abs(r["control_accuracy"] - 0.5) < 0.15, (model, r)
-            d = probes.detect(X, y, splits, model, control_repeats=6)
+            d = probes.detect(X, y, splits, model, control_repeats=6, layout=layout)
             assert d["auroc"] >= 0.95 and abs(d["control_auroc"] - 0.5) < 0.15, (model, d)
     X0, y0, s0 = _features(signal=0.0, seed=1)  # nothing planted: chance
     assert abs(probes.detect(X0, y0, s0, "logreg")["auroc"] - 0.5) < 0.2
-    target = X[:, 0] + 0.1 * np.random.default_rng(2).normal(size=len(y))
+    noise = 0.1 * np.random.default_rng(2).normal(size=len(y))
+    target = X[:, 0] + noise
     for model in probes.REGRESSORS:
-        r = probes.regress(X, target, splits, model, control_repeats=3)
+        if model == "deepsets":  # an order-blind model sees the mean over units, not unit 0 alone
+            r = probes.regress(X, X[:, ::5].mean(1) + noise / 4, splits, model, control_repeats=3, layout=UNITS_20)
+        else:
+            r = probes.regress(X, target, splits, model, control_repeats=3)
         assert r["r2"] > 0.8 and r["kendall_tau"] > 0.6 and r["control_r2"] < 0.2, (model, r)
         assert -1 <= r["kendall_tau"] <= 1
     # cross-validation on the training side sees the planted signal too, and only the training side

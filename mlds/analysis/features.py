@@ -19,6 +19,8 @@
   not comparable with published ones.
 - ``delta_io``: ``io`` of ``delta`` put through the trained network's canonicalising transformation
   (MLDS-specific, like ``delta``).
+- ``units``: per hidden unit, what belongs to it, layer by layer (:mod:`mlds.analysis.unit_sets`;
+  rows permute with the units: the input of the ``deepsets`` model).
 """
 from __future__ import annotations
 
@@ -114,8 +116,13 @@ def delta_io(group: Group) -> np.ndarray:
     return torch.cat([_stats(group, d), _io(group, d)], dim=1).numpy()
 
 
+def units(group: Group) -> np.ndarray:
+    from mlds.analysis.unit_sets import unit_features
+    return unit_features(group)[0]
+
+
 FEATURES: dict[str, Callable[[Group], np.ndarray]] = {"raw": raw, "stats": stats, "io": io, "canon": canon,
-                                                      "delta": delta, "delta_io": delta_io}
+                                                      "delta": delta, "delta_io": delta_io, "units": units}
 DESCRIPTIONS = {
     "raw": "flattened weights (reader layout)",
     "stats": "per-tensor mean, variance, quantiles 0/25/50/75/100 (Unterthiner et al. 2020)",
@@ -125,6 +132,9 @@ DESCRIPTIONS = {
              "norm)",
     "delta": "flattened weights minus the initial weights regenerated from the seed (MLDS-specific)",
     "delta_io": "io features of the change from the initial weights (MLDS-specific)",
+    "units": "per hidden unit, layer by layer: its incoming weights (raw on the network inputs, else 7 statistics "
+             "per gate block) and outgoing weights (raw into the outputs, else 7 statistics), after the canonical "
+             "sign fix; the input of the deepsets model",
 }
 
 

@@ -16,9 +16,10 @@ Models:
 
 - classification: ``logreg`` (standardise, multinomial logistic regression, C=1),
   ``hgb`` (``HistGradientBoostingClassifier``) and ``mlp`` (standardise, one hidden layer of 64
-  ReLU units, L2 penalty alpha=1);
+  ReLU units, L2 penalty alpha=1) and ``deepsets`` (:class:`mlds.analysis.unit_sets.UnitSetModel`:
+  learned, invariant to hidden-unit order; only on the ``units`` feature set, whose ``layout`` it needs);
 - regression: ``ridge`` (standardise, ``RidgeCV`` over alphas 1e-2..1e4, efficient leave-one-out on
-  the training side), ``hgb`` (``HistGradientBoostingRegressor``) and ``mlp`` (as above).
+  the training side), ``hgb`` (``HistGradientBoostingRegressor``), ``mlp`` and ``deepsets`` (as above).
 
 Model selection (:func:`cv_score`): the fixed split's test side is scored once per cell;
 choosing a feature set and model is done by cross-validation on the training side alone,
@@ -46,8 +47,8 @@ from sklearn.preprocessing import StandardScaler
 
 MAX_TREE_FEATURES = 1024
 PCA_COMPONENTS = 64
-CLASSIFIERS = ("logreg", "hgb", "mlp")
-REGRESSORS = ("ridge", "hgb", "mlp")
+CLASSIFIERS = ("logreg", "hgb", "mlp", "deepsets")
+REGRESSORS = ("ridge", "hgb", "mlp", "deepsets")
 CV_FOLDS = 5
 MIN_TRAIN_PER_CLASS = 1
 MIN_TRAIN_REGRESSION, MIN_TEST_REGRESSION = 5, 3
@@ -80,9 +81,15 @@ def _tree_steps(n_features: int, n_train: int) -> tuple[list, str | None]:
 MLP = dict(hidden_layer_sizes=(64,), alpha=1.0, max_iter=2000, random_state=0)
 
 
-def make_model(name: str, task: str, n_features: int, n_train: int) -> tuple[Pipeline, str | None]:
-    """A fresh model and a description of its preprocessing (None: none beyond the model's own)."""
+def make_model(name: str, task: str, n_features: int, n_train: int, layout=None) -> tuple[Pipeline, str | None]:
+    """A fresh model and a description of its preprocessing (None: none beyond the model's own).
+    ``layout``: the unit layout of ``units`` features (needed by ``deepsets`` only)."""
     leaf = int(min(20, max(2, n_train // 10)))
+    if name == "deepsets" and task in ("classify", "regress"):
+        if layout is None:
+            raise ValueError("the deepsets model needs per-unit features (feature set 'units') and their layout")
+        from mlds.analysis.unit_sets import UnitSetModel
+        return UnitSetModel(layout, task), "standardise per layer and feature"
     if task == "classify":
         if name == "logreg":
             return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000)), "standardise"
@@ -112,11 +119,12 @@ def _shuffled(y: np.ndarray, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).permutation(y)
 
 
-def _controls(model: str, task: str, X_train, y_train, X_test, score, repeats: int, seed: int) -> list[float]:
+def _controls(model: str, task: str, X_train, y_train, X_test, score, repeats: int, seed: int,
+              layout=None) -> list[float]:
     """``score(prediction)`` of ``repeats`` models fitted on permuted training labels."""
     out = []
     for r in range(repeats):
-        est = make_model(model, task, X_train.shape[1], len(y_train))[0]
+        est = make_model(model, task, X_train.shape[1], len(y_train), layout)[0]
         est.fit(X_train, _shuffled(y_train, seed + r))
         out.append(score(est))
     return out
@@ -136,7 +144,7 @@ def _check_classes(y: np.ndarray, sides: Sides) -> tuple[np.ndarray, list[str]]:
 
 
 def classify(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int = 0,
-             classes: list | None = None, control_repeats: int = CONTROL_REPEATS) -> dict:
+             classes: list | None = None, control_repeats: int = CONTROL_REPEATS, layout=None) -> dict:
     """Multi-class probe: accuracy on the test side, its chance level, the shuffled-label control and
     the confusion matrix (rows: true, columns: predicted, in ``classes`` order)."""
     y = np.asarray(y)
@@ -147,12 +155,12 @@ def classify(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int 
         raise Skip(f"needs networks of at least 2 tasks on both sides of the split (train+val and test); "
                    f"found {len(classes)}" + (f" ({'; '.join(notes)})" if notes else ""))
     tr, te = sides.train & keep, sides.test & keep
-    est, pre = make_model(model, "classify", X.shape[1], int(tr.sum()))
+    est, pre = make_model(model, "classify", X.shape[1], int(tr.sum()), layout)
     pred = est.fit(X[tr], y[tr]).predict(X[te])
     values, counts = np.unique(y[tr], return_counts=True)
     majority = values[np.argmax(counts)]
     controls = _controls(model, "classify", X[tr], y[tr], X[te], lambda e: float(np.mean(e.predict(X[te]) == y[te])),
-                         control_repeats, control_seed)
+                         control_repeats, control_seed, layout)
     out = {"accuracy": float(np.mean(pred == y[te])), "chance": float(np.mean(y[te] == majority)),
            "uniform": 1.0 / len(classes), "control_accuracy": _mean(controls), "control_sd": _sd(controls),
            "control_values": controls,
@@ -167,7 +175,7 @@ def classify(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int 
 
 
 def detect(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int = 0,
-           control_repeats: int = CONTROL_REPEATS) -> dict:
+           control_repeats: int = CONTROL_REPEATS, layout=None) -> dict:
     """Binary probe (1 = backdoored / trojaned): AUROC on the test side and the shuffled-label control."""
     y = np.asarray(y).astype(int)
     sides = Sides.of(splits)
@@ -178,11 +186,11 @@ def detect(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int = 
             raise Skip(f"needs at least {need} networks of each class on the {side} side; found {n_neg} clean "
                        f"and {n_pos} backdoored")
     tr, te = sides.train, sides.test
-    est, pre = make_model(model, "classify", X.shape[1], int(tr.sum()))
+    est, pre = make_model(model, "classify", X.shape[1], int(tr.sum()), layout)
     score = est.fit(X[tr], y[tr]).predict_proba(X[te])[:, 1]
     controls = _controls(model, "classify", X[tr], y[tr], X[te],
                          lambda e: float(roc_auc_score(y[te], e.predict_proba(X[te])[:, 1])), control_repeats,
-                         control_seed)
+                         control_seed, layout)
     out = {"auroc": float(roc_auc_score(y[te], score)), "chance": 0.5,
            "control_auroc": _mean(controls), "control_sd": _sd(controls), "control_values": controls,
            "accuracy": float(np.mean((score >= 0.5) == y[te])),
@@ -193,7 +201,7 @@ def detect(X: np.ndarray, y, splits, model: str = "logreg", control_seed: int = 
     return out
 
 
-def cv_score(X: np.ndarray, y, splits, seeds, model: str, kind: str) -> float | None:
+def cv_score(X: np.ndarray, y, splits, seeds, model: str, kind: str, layout=None) -> float | None:
     """Cross-validated score of ``model`` on the training side (train + val) only: accuracy
     (``kind="classify"``), AUROC (``"detect"``) or R^2 (``"regress"``), the mean over up to
     :data:`CV_FOLDS` folds grouped by seed (stratified for classes). None when the training side
@@ -215,7 +223,7 @@ def cv_score(X: np.ndarray, y, splits, seeds, model: str, kind: str) -> float | 
     for fit, held in splitter.split(X, y, groups):
         if kind != "regress" and len(np.unique(y[fit])) < 2:
             continue
-        est = make_model(model, task, X.shape[1], len(fit))[0].fit(X[fit], y[fit])
+        est = make_model(model, task, X.shape[1], len(fit), layout)[0].fit(X[fit], y[fit])
         if kind == "classify":
             scores.append(float(np.mean(est.predict(X[held]) == y[held])))
         elif kind == "detect":
@@ -251,17 +259,17 @@ def _check_regression(y: np.ndarray, sides: Sides) -> None:
 
 
 def regress(X: np.ndarray, y, splits, model: str = "ridge", control_seed: int = 0,
-            control_repeats: int = CONTROL_REPEATS) -> dict:
+            control_repeats: int = CONTROL_REPEATS, layout=None) -> dict:
     """Regression probe: R^2 and Kendall tau on the test side, the train-mean baseline's R^2 and the
     shuffled-target control."""
     y = np.asarray(y, dtype=np.float64)
     sides = Sides.of(splits)
     _check_regression(y, sides)
     tr, te = sides.train, sides.test
-    est, pre = make_model(model, "regress", X.shape[1], int(tr.sum()))
+    est, pre = make_model(model, "regress", X.shape[1], int(tr.sum()), layout)
     pred = est.fit(X[tr], y[tr]).predict(X[te])
     controls = _controls(model, "regress", X[tr], y[tr], X[te], lambda e: e.predict(X[te]), control_repeats,
-                         control_seed)
+                         control_seed, layout)
     taus = [t for t in (_tau(c, y[te]) for c in controls) if t is not None]
     out = {"r2": float(r2_score(y[te], pred)), "kendall_tau": _tau(pred, y[te]),
            "baseline_r2": float(r2_score(y[te], np.full(int(te.sum()), y[tr].mean()))),

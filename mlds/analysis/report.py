@@ -42,7 +42,7 @@ from mlds.analysis import probes
 from mlds.analysis.data import Group, load_zoo
 from mlds.zoo.splits import FRACTIONS, SPLIT_VERSION
 
-DEFAULT_FEATURES = ("raw", "stats", "io", "canon", "delta", "delta_io")
+DEFAULT_FEATURES = ("raw", "stats", "io", "canon", "delta", "delta_io", "units")
 PAIR_DS = ("ds1", "ds2")
 
 
@@ -54,22 +54,27 @@ class Analysis:
         self.echo = echo
         self.repeats = int(control_repeats)
         self.select_models = select
+        self.layouts: dict[str, list] = {}  # dataset -> unit layout of its "units" features
         self.skipped: list[dict] = []
 
     def skip(self, probe: str, scope: str, reason: str) -> None:
         self.skipped.append({"probe": probe, "scope": scope, "reason": reason})
         self.echo(f"skipped {probe} [{scope}]: {reason}")
 
-    def select(self, result: dict, scope: str, names, models, X_of: Callable[[str], np.ndarray], y, splits, seeds,
-               kind: str) -> None:
+    def layout(self, ds: str, features: str):
+        """The unit layout of ``ds``'s ``units`` features (what ``deepsets`` needs), else None."""
+        return self.layouts.get(ds) if features == "units" else None
+
+    def select(self, result: dict, scope: str, ds: str, names, models, X_of: Callable[[str], np.ndarray], y, splits,
+               seeds, kind: str) -> None:
         """Add ``<scope>/selected/cv``: the (features, model) cell of ``scope`` with the best
         cross-validated score on the training side (:func:`mlds.analysis.probes.cv_score`), with
         that cell's test result -- the number to quote, chosen without looking at the test split."""
         if not self.select_models:
             return
         cv = {}
-        for f, m in ((f, m) for f in names for m in models if f"{scope}/{f}/{m}" in result):
-            v = probes.cv_score(X_of(f), y, splits, seeds, m, kind)
+        for f, m in ((f, m) for f, m in cells(names, models) if f"{scope}/{f}/{m}" in result):
+            v = probes.cv_score(X_of(f), y, splits, seeds, m, kind, self.layout(ds, f))
             if v is not None:
                 cv[f"{f}/{m}"] = v
         if not cv:
@@ -78,6 +83,11 @@ class Analysis:
         chosen = max(cv, key=cv.get)
         result[f"{scope}/selected/cv"] = {**result[f"{scope}/{chosen}"], "features": "selected", "model": "cv",
                                           "chosen": chosen, "cv_score": cv[chosen], "cv_scores": cv}
+
+
+def cells(names, models):
+    """The (features, model) pairs to run: every pair, except ``deepsets`` on anything but ``units``."""
+    return [(f, m) for f in names for m in models if m != "deepsets" or f == "units"]
 
 
 def zoo_summary(groups: dict[str, Group]) -> dict:
@@ -101,15 +111,14 @@ def _task_identification(a: Analysis, groups, feats, names, classifiers, result)
                                               "nothing to tell apart")
             continue
         try:
-            for f in names:
-                for m in classifiers:
-                    r = probes.classify(feats[ds][f], g.tasks, g.splits, m, classes=g.task_order,
-                                        control_repeats=a.repeats)
-                    result[f"{ds}/{f}/{m}"] = {"dataset": ds, "features": f, "model": m, **r}
+            for f, m in cells(names, classifiers):
+                r = probes.classify(feats[ds][f], g.tasks, g.splits, m, classes=g.task_order,
+                                    control_repeats=a.repeats, layout=a.layout(ds, f))
+                result[f"{ds}/{f}/{m}"] = {"dataset": ds, "features": f, "model": m, **r}
         except probes.Skip as err:
             a.skip("task_identification", ds, str(err))
             continue
-        a.select(result, ds, names, classifiers, lambda f: feats[ds][f], np.array(g.tasks), g.splits, g.seeds,
+        a.select(result, ds, ds, names, classifiers, lambda f: feats[ds][f], np.array(g.tasks), g.splits, g.seeds,
                  "classify")
 
 
@@ -161,15 +170,13 @@ def _backdoor_detection(a: Analysis, groups, feats, names, classifiers, result) 
             return np.concatenate([feats[gn.dataset][f][mn], feats[gp.dataset][f][mp]])
 
         try:
-            for f in names:
-                X = X_of(f)
-                for m in classifiers:
-                    r = probes.detect(X, y, splits, m, control_repeats=a.repeats)
-                    result[f"{pair}/{f}/{m}"] = {"pair": pair, "features": f, "model": m, **r}
+            for f, m in cells(names, classifiers):
+                r = probes.detect(X_of(f), y, splits, m, control_repeats=a.repeats, layout=a.layout(gn.dataset, f))
+                result[f"{pair}/{f}/{m}"] = {"pair": pair, "features": f, "model": m, **r}
         except probes.Skip as err:
             a.skip("backdoor_detection", pair, str(err))
             continue
-        a.select(result, pair, names, classifiers, X_of, y, splits, seeds, "detect")
+        a.select(result, pair, gn.dataset, names, classifiers, X_of, y, splits, seeds, "detect")
 
 
 def _targets(g: Group) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -196,15 +203,15 @@ def _accuracy_prediction(a: Analysis, groups, feats, names, regressors, result) 
                 base = probes.task_mean(y, np.array(g.tasks)[mask], splits)
                 result[f"{scope}/task/task_mean"] = {"dataset": ds, "target": target, "features": "task",
                                                      "model": "task_mean", **base}
-                for f in names:
-                    for m in regressors:
-                        r = probes.regress(feats[ds][f][mask], y, splits, m, control_repeats=a.repeats)
-                        result[f"{scope}/{f}/{m}"] = {"dataset": ds, "target": target, "features": f, "model": m, **r}
+                for f, m in cells(names, regressors):
+                    r = probes.regress(feats[ds][f][mask], y, splits, m, control_repeats=a.repeats,
+                                       layout=a.layout(ds, f))
+                    result[f"{scope}/{f}/{m}"] = {"dataset": ds, "target": target, "features": f, "model": m, **r}
             except probes.Skip as err:
                 a.skip("accuracy_prediction", scope, str(err))
                 continue
-            a.select(result, scope, names, regressors, lambda f, ds=ds, mask=mask: feats[ds][f][mask], y, splits,
-                     g.seeds[mask], "regress")
+            a.select(result, scope, ds, names, regressors, lambda f, ds=ds, mask=mask: feats[ds][f][mask], y,
+                     splits, g.seeds[mask], "regress")
 
 
 def _canonicalisation(result: dict) -> dict:
@@ -321,6 +328,11 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
     echo(f"read {sum(len(g) for g in groups.values())} networks ({counts}) in {time.perf_counter() - started:.1f} s")
     names = list(dict.fromkeys(features))
     feats = {ds: F.compute(g, names) for ds, g in groups.items()}
+    if "deepsets" in (*classifiers, *regressors) and "units" not in names:
+        a.skip("all", "deepsets", "the deepsets model runs on the 'units' feature set only; add it to --features")
+    if "units" in names:
+        from mlds.analysis.unit_sets import unit_features
+        a.layouts = {ds: unit_features(g.subset(np.arange(len(g)) == 0))[1] for ds, g in groups.items()}
     result: dict = {
         "source": str(source), "zoo": zoo_summary(groups),
         "splits": {"version": SPLIT_VERSION, "fractions": FRACTIONS,
