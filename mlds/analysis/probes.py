@@ -26,9 +26,9 @@ choosing a feature set and model is done by cross-validation on the training sid
 folds grouped by seed (networks of one seed share their initial weights) and, for classes,
 stratified.
 
-Tree models on more than :data:`MAX_TREE_FEATURES` features (flattened
-weights) first project onto at most 64 principal components fitted on the
-training side (recorded as ``preprocess``).
+Tree models and the MLP on more than :data:`MAX_TREE_FEATURES` features
+(flattened weights) first project onto at most 64 principal components fitted
+on the training side (recorded as ``preprocess``).
 """
 from __future__ import annotations
 
@@ -98,7 +98,8 @@ def make_model(name: str, task: str, n_features: int, n_train: int, layout=None)
             return make_pipeline(*steps, HistGradientBoostingClassifier(
                 max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
         if name == "mlp":
-            return make_pipeline(StandardScaler(), MLPClassifier(**MLP)), "standardise"
+            steps, pre = _tree_steps(n_features, n_train)
+            return make_pipeline(*(steps or [StandardScaler()]), MLPClassifier(**MLP)), pre or "standardise"
     elif task == "regress":
         if name == "ridge":
             return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))), "standardise"
@@ -107,7 +108,8 @@ def make_model(name: str, task: str, n_features: int, n_train: int, layout=None)
             return make_pipeline(*steps, HistGradientBoostingRegressor(
                 max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
         if name == "mlp":
-            return make_pipeline(StandardScaler(), MLPRegressor(**MLP)), "standardise"
+            steps, pre = _tree_steps(n_features, n_train)
+            return make_pipeline(*(steps or [StandardScaler()]), MLPRegressor(**MLP)), pre or "standardise"
     raise ValueError(f"unknown {task} model {name!r}; choose from "
                      f"{', '.join(CLASSIFIERS if task == 'classify' else REGRESSORS)}")
 

@@ -47,13 +47,15 @@ PAIR_DS = ("ds1", "ds2")
 
 
 class Analysis:
-    """State of one run: the result dict and how to report skipped probes."""
+    """State of one run: how to run a probe's grid of cells, and the probes skipped."""
 
-    def __init__(self, echo: Callable[[str], None], control_repeats: int = probes.CONTROL_REPEATS,
-                 select: bool = True):
+    def __init__(self, echo: Callable[[str], None], names: Sequence[str], control_repeats: int = probes.CONTROL_REPEATS,
+                 select: bool = True, jobs: int = 1):
         self.echo = echo
+        self.names = list(names)
         self.repeats = int(control_repeats)
         self.select_models = select
+        self.jobs = int(jobs)
         self.layouts: dict[str, list] = {}  # dataset -> unit layout of its "units" features
         self.skipped: list[dict] = []
 
@@ -65,18 +67,38 @@ class Analysis:
         """The unit layout of ``ds``'s ``units`` features (what ``deepsets`` needs), else None."""
         return self.layouts.get(ds) if features == "units" else None
 
-    def select(self, result: dict, scope: str, ds: str, names, models, X_of: Callable[[str], np.ndarray], y, splits,
-               seeds, kind: str) -> None:
-        """Add ``<scope>/selected/cv``: the (features, model) cell of ``scope`` with the best
-        cross-validated score on the training side (:func:`mlds.analysis.probes.cv_score`), with
-        that cell's test result -- the number to quote, chosen without looking at the test split."""
-        if not self.select_models:
+    def run(self, calls: list[tuple[Callable, tuple, dict]]) -> list:
+        """``fn(*args, **kwargs)`` of every call (a :class:`probes.Skip` it raises is returned), in up to
+        ``jobs`` worker processes."""
+        if self.jobs == 1 or len(calls) < 2:
+            return [_call(fn, args, kwargs) for fn, args, kwargs in calls]
+        from joblib import Parallel, delayed
+        return Parallel(n_jobs=self.jobs)(delayed(_call)(fn, args, kwargs) for fn, args, kwargs in calls)
+
+    def probe(self, section: str, result: dict, scope: str, ds: str, fields: dict, fn: Callable, kind: str,
+              models, X_of: Callable[[str], np.ndarray], y, splits, seeds, **kwargs) -> None:
+        """Every (features, model) cell of ``scope``: ``fn(X_of(f), y, splits, m, **kwargs)`` into
+        ``result["<scope>/<f>/<m>"]`` (with ``fields``), then the cross-validated choice among them
+        (:meth:`select`). A probe that does not apply is skipped with its reason."""
+        grid = cells(self.names, models)
+        out = self.run([(fn, (X_of(f), y, splits, m), dict(kwargs, control_repeats=self.repeats,
+                                                            layout=self.layout(ds, f))) for f, m in grid])
+        skipped = next((r for r in out if isinstance(r, probes.Skip)), None)
+        if skipped is not None:
+            self.skip(section, scope, str(skipped))
             return
-        cv = {}
-        for f, m in ((f, m) for f, m in cells(names, models) if f"{scope}/{f}/{m}" in result):
-            v = probes.cv_score(X_of(f), y, splits, seeds, m, kind, self.layout(ds, f))
-            if v is not None:
-                cv[f"{f}/{m}"] = v
+        for (f, m), r in zip(grid, out):
+            result[f"{scope}/{f}/{m}"] = {**fields, "features": f, "model": m, **r}
+        if self.select_models:
+            self.select(result, scope, ds, grid, X_of, y, splits, seeds, kind)
+
+    def select(self, result: dict, scope: str, ds: str, grid, X_of, y, splits, seeds, kind: str) -> None:
+        """Add ``<scope>/selected/cv``: the cell of ``grid`` with the best cross-validated score on the
+        training side (:func:`mlds.analysis.probes.cv_score`), with that cell's test result -- the
+        number to quote, chosen without looking at the test split."""
+        scores = self.run([(probes.cv_score, (X_of(f), y, splits, seeds, m, kind, self.layout(ds, f)), {})
+                           for f, m in grid])
+        cv = {f"{f}/{m}": v for (f, m), v in zip(grid, scores) if v is not None}
         if not cv:
             self.skip("model_selection", scope, "too few training networks to cross-validate")
             return
@@ -85,7 +107,14 @@ class Analysis:
                                           "chosen": chosen, "cv_score": cv[chosen], "cv_scores": cv}
 
 
-def cells(names, models):
+def _call(fn: Callable, args: tuple, kwargs: dict):
+    try:
+        return fn(*args, **kwargs)
+    except probes.Skip as err:
+        return err
+
+
+def cells(names, models) -> list[tuple[str, str]]:
     """The (features, model) pairs to run: every pair, except ``deepsets`` on anything but ``units``."""
     return [(f, m) for f in names for m in models if m != "deepsets" or f == "units"]
 
@@ -104,22 +133,14 @@ def zoo_summary(groups: dict[str, Group]) -> dict:
     return out
 
 
-def _task_identification(a: Analysis, groups, feats, names, classifiers, result) -> None:
+def _task_identification(a: Analysis, groups, feats, classifiers, result) -> None:
     for ds, g in groups.items():
         if len(g.task_order) < 2:
             a.skip("task_identification", ds, f"{ds} holds networks of one task only ({g.task_order[0]}): "
                                               "nothing to tell apart")
             continue
-        try:
-            for f, m in cells(names, classifiers):
-                r = probes.classify(feats[ds][f], g.tasks, g.splits, m, classes=g.task_order,
-                                    control_repeats=a.repeats, layout=a.layout(ds, f))
-                result[f"{ds}/{f}/{m}"] = {"dataset": ds, "features": f, "model": m, **r}
-        except probes.Skip as err:
-            a.skip("task_identification", ds, str(err))
-            continue
-        a.select(result, ds, ds, names, classifiers, lambda f: feats[ds][f], np.array(g.tasks), g.splits, g.seeds,
-                 "classify")
+        a.probe("task_identification", result, ds, ds, {"dataset": ds}, probes.classify, "classify", classifiers,
+                lambda f, ds=ds: feats[ds][f], np.array(g.tasks), g.splits, g.seeds, classes=g.task_order)
 
 
 def _pairs(a: Analysis, groups) -> list[tuple[str, Group, np.ndarray, Group, np.ndarray]]:
@@ -160,23 +181,15 @@ def _pairs(a: Analysis, groups) -> list[tuple[str, Group, np.ndarray, Group, np.
     return pairs
 
 
-def _backdoor_detection(a: Analysis, groups, feats, names, classifiers, result) -> None:
+def _backdoor_detection(a: Analysis, groups, feats, classifiers, result) -> None:
     for pair, gn, mn, gp, mp in _pairs(a, groups):
         y = np.r_[np.zeros(int(mn.sum()), int), np.ones(int(mp.sum()), int)]
-        splits = np.r_[gn.splits[mn], gp.splits[mp]]
-        seeds = np.r_[gn.seeds[mn], gp.seeds[mp]]
 
         def X_of(f: str, gn=gn, mn=mn, gp=gp, mp=mp) -> np.ndarray:
             return np.concatenate([feats[gn.dataset][f][mn], feats[gp.dataset][f][mp]])
 
-        try:
-            for f, m in cells(names, classifiers):
-                r = probes.detect(X_of(f), y, splits, m, control_repeats=a.repeats, layout=a.layout(gn.dataset, f))
-                result[f"{pair}/{f}/{m}"] = {"pair": pair, "features": f, "model": m, **r}
-        except probes.Skip as err:
-            a.skip("backdoor_detection", pair, str(err))
-            continue
-        a.select(result, pair, gn.dataset, names, classifiers, X_of, y, splits, seeds, "detect")
+        a.probe("backdoor_detection", result, pair, gn.dataset, {"pair": pair}, probes.detect, "detect", classifiers,
+                X_of, y, np.r_[gn.splits[mn], gp.splits[mp]], np.r_[gn.seeds[mn], gp.seeds[mp]])
 
 
 def _targets(g: Group) -> list[tuple[str, np.ndarray, np.ndarray]]:
@@ -194,24 +207,20 @@ def _targets(g: Group) -> list[tuple[str, np.ndarray, np.ndarray]]:
     return out
 
 
-def _accuracy_prediction(a: Analysis, groups, feats, names, regressors, result) -> None:
+def _accuracy_prediction(a: Analysis, groups, feats, regressors, result) -> None:
     for ds, g in groups.items():
         for target, mask, values in _targets(g):
             scope = f"{ds}:{target}"
             y, splits = values[mask], g.splits[mask]
             try:
                 base = probes.task_mean(y, np.array(g.tasks)[mask], splits)
-                result[f"{scope}/task/task_mean"] = {"dataset": ds, "target": target, "features": "task",
-                                                     "model": "task_mean", **base}
-                for f, m in cells(names, regressors):
-                    r = probes.regress(feats[ds][f][mask], y, splits, m, control_repeats=a.repeats,
-                                       layout=a.layout(ds, f))
-                    result[f"{scope}/{f}/{m}"] = {"dataset": ds, "target": target, "features": f, "model": m, **r}
             except probes.Skip as err:
                 a.skip("accuracy_prediction", scope, str(err))
                 continue
-            a.select(result, scope, ds, names, regressors, lambda f, ds=ds, mask=mask: feats[ds][f][mask], y,
-                     splits, g.seeds[mask], "regress")
+            result[f"{scope}/task/task_mean"] = {"dataset": ds, "target": target, "features": "task",
+                                                 "model": "task_mean", **base}
+            a.probe("accuracy_prediction", result, scope, ds, {"dataset": ds, "target": target}, probes.regress,
+                    "regress", regressors, lambda f, ds=ds, mask=mask: feats[ds][f][mask], y, splits, g.seeds[mask])
 
 
 def _canonicalisation(result: dict) -> dict:
@@ -289,14 +298,15 @@ def analyze(source, out, *, features: Sequence[str] = DEFAULT_FEATURES,
             classifiers: Sequence[str] = probes.CLASSIFIERS, regressors: Sequence[str] = probes.REGRESSORS,
             tsne: bool = True, figures: bool = True, on_conflict: str = "error", datasets=None,
             control_repeats: int = probes.CONTROL_REPEATS, threads: int | None = None, select: bool = True,
-            echo: Callable[[str], None] | None = None) -> dict:
+            jobs: int = 1, echo: Callable[[str], None] | None = None) -> dict:
     """Run every probe that applies to the zoo at ``source``; write ``<out>/analysis.json`` and figures.
 
     ``threads``: cap on BLAS/OpenMP threads (scikit-learn, numpy) while it runs (None: their default).
-    ``select``: add each scope's cross-validated choice of features and model (``<scope>/selected/cv``)."""
+    ``select``: add each scope's cross-validated choice of features and model (``<scope>/selected/cv``).
+    ``jobs``: worker processes for a probe's cells (joblib; -1: every core)."""
     if threads is None:
         return _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets,
-                        control_repeats, select, echo)
+                        control_repeats, select, jobs, echo)
     from threadpoolctl import threadpool_limits
     import torch
     before = torch.get_num_threads()
@@ -304,13 +314,13 @@ def analyze(source, out, *, features: Sequence[str] = DEFAULT_FEATURES,
     try:
         with threadpool_limits(int(threads)):
             return _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets,
-                            control_repeats, select, echo)
+                            control_repeats, select, jobs, echo)
     finally:
         torch.set_num_threads(before)
 
 
 def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_conflict, datasets, control_repeats,
-             select, echo) -> dict:
+             select, jobs, echo) -> dict:
     echo = echo or (lambda s: print(s, file=sys.stderr))
     started = time.perf_counter()
     out = Path(out)
@@ -318,7 +328,8 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
     unknown = sorted(set(features) - set(F.FEATURES))
     if unknown:
         raise ValueError(f"unknown feature sets {unknown}; known: {', '.join(F.FEATURES)}")
-    a = Analysis(echo, control_repeats, select)
+    names = list(dict.fromkeys(features))
+    a = Analysis(echo, names, control_repeats, select, jobs)
     groups, load_skips = load_zoo(source, on_conflict=on_conflict, datasets=datasets)
     for s in load_skips:
         a.skip(s["probe"], s["dataset"], s["reason"])
@@ -326,7 +337,6 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
         raise ValueError(f"no networks in {source}")
     counts = ", ".join(f"{d}: {len(g)}" for d, g in groups.items())
     echo(f"read {sum(len(g) for g in groups.values())} networks ({counts}) in {time.perf_counter() - started:.1f} s")
-    names = list(dict.fromkeys(features))
     feats = {ds: F.compute(g, names) for ds, g in groups.items()}
     if "deepsets" in (*classifiers, *regressors) and "units" not in names:
         a.skip("all", "deepsets", "the deepsets model runs on the 'units' feature set only; add it to --features")
@@ -345,8 +355,8 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
                                    "cross-validated score on train + val (folds grouped by seed), reported on test"
                                    if select else "off"),
                      "regressors": list(regressors), "control": f"labels (targets) of the training side randomly "
-                     f"permuted, mean of {control_repeats} permutations", "tree_models": "more than "
-                     f"{probes.MAX_TREE_FEATURES} features: standardise + PCA(<= {probes.PCA_COMPONENTS}) first"},
+                     f"permuted, mean of {control_repeats} permutations", "tree_models": "hgb and mlp on more "
+                     f"than {probes.MAX_TREE_FEATURES} features: standardise + PCA(<= {probes.PCA_COMPONENTS}) first"},
         "task_identification": {}, "backdoor_detection": {}, "accuracy_prediction": {},
     }
     steps = (("task identification", _task_identification, classifiers, "task_identification"),
@@ -354,7 +364,7 @@ def _analyze(source, out, features, classifiers, regressors, tsne, figures, on_c
              ("accuracy prediction", _accuracy_prediction, regressors, "accuracy_prediction"))
     for title, step, models, section in steps:
         t0 = time.perf_counter()
-        step(a, groups, feats, names, models, result[section])
+        step(a, groups, feats, models, result[section])
         echo(f"{title}: {len(result[section])} probes in {time.perf_counter() - t0:.1f} s")
     result["canonicalisation"] = _canonicalisation(result)
     result["skipped"] = a.skipped
@@ -433,6 +443,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--control-repeats", type=int, default=probes.CONTROL_REPEATS,
                    help="shuffled-label controls per probe, averaged (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="cap on BLAS/OpenMP threads (default: library default)")
+    p.add_argument("--jobs", type=int, default=-1,
+                   help="worker processes for the probes' cells (default: every core; 1: in this process)")
     p.add_argument("--no-select", action="store_true",
                    help="skip the cross-validated choice of features and model per probe (faster)")
     p.add_argument("--on-conflict", choices=("error", "first"), default="error",
@@ -447,7 +459,8 @@ def main(argv=None) -> int:
         result = analyze(args.source, args.out, features=split(args.features), classifiers=split(args.classifiers),
                          regressors=split(args.regressors), tsne=not args.no_tsne, figures=not args.no_figures,
                          on_conflict=args.on_conflict, datasets=args.dataset,
-                         control_repeats=args.control_repeats, threads=args.threads, select=not args.no_select)
+                         control_repeats=args.control_repeats, threads=args.threads, select=not args.no_select,
+                         jobs=args.jobs)
     except (ValueError, FileNotFoundError) as err:
         print(f"analyze: {err}", file=sys.stderr)
         return 2
