@@ -32,6 +32,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -108,10 +109,15 @@ class Analysis:
 
 
 def _call(fn: Callable, args: tuple, kwargs: dict):
-    try:
-        return fn(*args, **kwargs)
-    except probes.Skip as err:
-        return err
+    """``fn(*args, **kwargs)``, or the :class:`probes.Skip` it raised. An MLP that stops at its
+    iteration cap (as the shuffled-label controls often do) is not worth a warning per fit."""
+    from sklearn.exceptions import ConvergenceWarning
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        try:
+            return fn(*args, **kwargs)
+        except probes.Skip as err:
+            return err
 
 
 def cells(names, models) -> list[tuple[str, str]]:
