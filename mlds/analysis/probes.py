@@ -71,7 +71,9 @@ class Sides:
         return cls(np.isin(splits, ("train", "val")), splits == "test")
 
 
-def _tree_steps(n_features: int, n_train: int) -> tuple[list, str | None]:
+def _projection(n_features: int, n_train: int) -> tuple[list, str | None]:
+    """Preprocessing of the tree and MLP models: on more than :data:`MAX_TREE_FEATURES` features,
+    standardise and project onto at most :data:`PCA_COMPONENTS` principal components."""
     if n_features <= MAX_TREE_FEATURES:
         return [], None
     k = max(1, min(PCA_COMPONENTS, n_train - 1, n_features))
@@ -79,37 +81,32 @@ def _tree_steps(n_features: int, n_train: int) -> tuple[list, str | None]:
 
 
 MLP = dict(hidden_layer_sizes=(64,), alpha=1.0, max_iter=2000, random_state=0)
+# per task: its linear model, and the estimator classes of ``hgb`` and ``mlp``
+_MODELS = {"classify": ("logreg", HistGradientBoostingClassifier, MLPClassifier),
+           "regress": ("ridge", HistGradientBoostingRegressor, MLPRegressor)}
 
 
 def make_model(name: str, task: str, n_features: int, n_train: int, layout=None) -> tuple[Pipeline, str | None]:
     """A fresh model and a description of its preprocessing (None: none beyond the model's own).
     ``layout``: the unit layout of ``units`` features (needed by ``deepsets`` only)."""
-    leaf = int(min(20, max(2, n_train // 10)))
-    if name == "deepsets" and task in ("classify", "regress"):
-        if layout is None:
-            raise ValueError("the deepsets model needs per-unit features (feature set 'units') and their layout")
-        from mlds.analysis.unit_sets import UnitSetModel
-        return UnitSetModel(layout, task), "standardise per layer and feature"
-    if task == "classify":
-        if name == "logreg":
-            return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=5000)), "standardise"
+    if task in _MODELS:
+        linear, trees, mlp = _MODELS[task]
+        if name == "deepsets":
+            if layout is None:
+                raise ValueError("the deepsets model needs per-unit features (feature set 'units') and their layout")
+            from mlds.analysis.unit_sets import UnitSetModel
+            return UnitSetModel(layout, task), "standardise per layer and feature"
+        if name == linear:
+            model = (LogisticRegression(C=1.0, max_iter=5000) if task == "classify"
+                     else RidgeCV(alphas=np.logspace(-2, 4, 13)))
+            return make_pipeline(StandardScaler(), model), "standardise"
+        steps, pre = _projection(n_features, n_train)
         if name == "hgb":
-            steps, pre = _tree_steps(n_features, n_train)
-            return make_pipeline(*steps, HistGradientBoostingClassifier(
-                max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
+            leaf = int(min(20, max(2, n_train // 10)))
+            return make_pipeline(*steps, trees(max_iter=100, min_samples_leaf=leaf, early_stopping=False,
+                                               random_state=0)), pre
         if name == "mlp":
-            steps, pre = _tree_steps(n_features, n_train)
-            return make_pipeline(*(steps or [StandardScaler()]), MLPClassifier(**MLP)), pre or "standardise"
-    elif task == "regress":
-        if name == "ridge":
-            return make_pipeline(StandardScaler(), RidgeCV(alphas=np.logspace(-2, 4, 13))), "standardise"
-        if name == "hgb":
-            steps, pre = _tree_steps(n_features, n_train)
-            return make_pipeline(*steps, HistGradientBoostingRegressor(
-                max_iter=100, min_samples_leaf=leaf, early_stopping=False, random_state=0)), pre
-        if name == "mlp":
-            steps, pre = _tree_steps(n_features, n_train)
-            return make_pipeline(*(steps or [StandardScaler()]), MLPRegressor(**MLP)), pre or "standardise"
+            return make_pipeline(*(steps or [StandardScaler()]), mlp(**MLP)), pre or "standardise"
     raise ValueError(f"unknown {task} model {name!r}; choose from "
                      f"{', '.join(CLASSIFIERS if task == 'classify' else REGRESSORS)}")
 

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
+from sklearn.exceptions import ConvergenceWarning
 
 from mlds.analysis import features as F
 from mlds.analysis import probes
@@ -111,7 +112,6 @@ class Analysis:
 def _call(fn: Callable, args: tuple, kwargs: dict):
     """``fn(*args, **kwargs)``, or the :class:`probes.Skip` it raised. An MLP that stops at its
     iteration cap (as the shuffled-label controls often do) is not worth a warning per fit."""
-    from sklearn.exceptions import ConvergenceWarning
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)
         try:

@@ -99,15 +99,17 @@ class UnitSetModel(BaseEstimator):
         self.weight_decay = weight_decay
         self.seed = seed
 
-    def _standardised(self, X) -> torch.Tensor:
-        views = layer_views(torch.as_tensor(np.asarray(X), dtype=torch.float32), self.layout)
+    def _views(self, X) -> list[torch.Tensor]:
+        return layer_views(torch.as_tensor(np.asarray(X), dtype=torch.float32), self.layout)
+
+    def _standardised(self, views: list[torch.Tensor]) -> torch.Tensor:
         return torch.cat([((v - m) / s).flatten(1) for v, m, s in zip(views, self.mean_, self.scale_)], 1)
 
     def fit(self, X, y):
-        views = layer_views(torch.as_tensor(np.asarray(X), dtype=torch.float32), self.layout)
+        views = self._views(X)
         self.mean_ = [v.mean((0, 1)) for v in views]
         self.scale_ = [v.std((0, 1)).clamp(min=1e-8) for v in views]
-        Xs = self._standardised(X)
+        Xs = self._standardised(views)
         y = np.asarray(y)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -129,7 +131,7 @@ class UnitSetModel(BaseEstimator):
 
     @torch.no_grad()
     def _out(self, X) -> torch.Tensor:
-        return self.net_(self._standardised(X))
+        return self.net_(self._standardised(self._views(X)))
 
     def predict_proba(self, X) -> np.ndarray:
         return torch.softmax(self._out(X), 1).numpy()
