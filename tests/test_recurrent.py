@@ -12,8 +12,9 @@ from torch.nn import functional as F
 from conftest import GRU_SPEC
 from mlds.nets import recurrent
 from mlds.nets.registry import build
-from mlds.train.engine import training_loss
-from mlds.nets.population import population_mlp
+from mlds.tasks.task import training_loss
+from mlds.nets import population
+from mlds.nets.population import population_mlp, population_mlp_bce
 from mlds.nets.registry import population_from_seeds
 from mlds.nets.recurrent import recurrent_stack
 from reference_recurrent import recurrent_stack_reference
@@ -90,6 +91,40 @@ def test_gradcheck_head_and_training_loss():
     y = (torch.rand(k, 4, 3, 2) < 0.5).double()
     assert torch.autograd.gradcheck(lambda z: training_loss(z, y, None, "bce"), (logits.detach().requires_grad_(),))
     torch.testing.assert_close(training_loss(logits, y, None, "bce"), score(logits, y, None, "bce")[0])
+
+
+def test_gradcheck_fused_head_and_loss(monkeypatch):
+    """The fused head + BCE, over groups of networks smaller than K (the last one partial)."""
+    monkeypatch.setattr(population, "HEAD_CHUNK", 2)
+    torch.manual_seed(4)
+    k, t_len, batch = 3, 3, 2
+    sizes = [3, 4, 4, 2]
+    ws = [torch.randn(k, b, a, dtype=torch.float64, requires_grad=True) for a, b in zip(sizes[:-1], sizes[1:])]
+    bs = [torch.randn(k, b, dtype=torch.float64, requires_grad=True) for b in sizes[1:]]
+    x = torch.randn(k, sizes[0], t_len * batch, dtype=torch.float64, requires_grad=True)
+    y = (torch.rand(k, sizes[-1], t_len, batch) < 0.5).double()
+    assert torch.autograd.gradcheck(lambda x, *p: population_mlp_bce(x, y, p[:3], p[3:]), (x, *ws, *bs))
+    unfused = training_loss(population_mlp(x, ws, bs).view(k, -1, t_len, batch), y, None, "bce")
+    torch.testing.assert_close(population_mlp_bce(x, y, ws, bs), unfused)
+
+
+def test_fused_training_loss_equals_forward_then_loss():
+    """``PopulationNet.training_loss`` (head and loss fused, K = 6 > one group of 4) gives the loss and
+    every gradient of ``training_loss(net(x), y)``, also under a non-unit incoming gradient."""
+    pop = population_from_seeds(GRU_SPEC, range(6))
+    x = (torch.rand(6, 4, 7, 9, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    y = (torch.rand(6, 4, 7, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    weight = torch.arange(1.0, 7.0)
+    results = []
+    for compute in (lambda: pop.training_loss(x, y, None, "bce"), lambda: training_loss(pop(x), y, None, "bce")):
+        pop.zero_grad(set_to_none=True)
+        loss = compute()
+        (loss * weight).sum().backward()
+        results.append((loss.detach(), [p.grad.clone() for p in pop.parameters()]))
+    (fused, fused_grads), (plain, plain_grads) = results
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    for a, b in zip(fused_grads, plain_grads):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

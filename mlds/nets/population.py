@@ -17,6 +17,11 @@ from torch.nn import functional as F
 from torch.autograd.function import once_differentiable
 
 from mlds.nets.recurrent import _give, _reclaim, _take, recurrent_stack_features
+from mlds.tasks.task import bce_terms, training_loss
+
+# Networks per pass of the fused head + loss on a CPU: one pass's activations (about 0.5 MiB per DS1
+# network) then stay in a core's L2 cache; 4 measured fastest here (2 MiB L2; 1, 2, 8, 16, 64 slower).
+HEAD_CHUNK = 4
 
 
 def _augmented(tag: str, k: int, features: int, n: int, like: Tensor, pooled: bool) -> Tensor:
@@ -93,6 +98,69 @@ def population_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
         return _mlp_forward(x, mats, pooled=False)[0]
 
 
+class _HeadBCEFunction(torch.autograd.Function):
+    """The MLP head of K networks and their per-network mean BCE, ``x [K, F0, N], y [K, O, T, B]
+    -> [K]`` (``N = T * B``), with the gradient computed in the forward.
+
+    The networks go through in passes of ``chunk``: forward through the head,
+    the loss and its gradient ``(sigmoid(logits) - y) / n``, and back through
+    the head, while the pass's activations are still in cache. The backward only
+    scales the kept gradients by the loss's incoming gradient (exact for the
+    usual ``loss.sum()``). Same numbers as :func:`population_mlp` followed by
+    :func:`mlds.tasks.task.training_loss`, up to the order of the loss's sum.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, chunk: int, *params: Tensor) -> Tensor:
+        k, _, n = x.shape
+        n_linear = len(params) // 2
+        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        n_out = mats[-1].shape[1]
+        d_mats = [torch.empty_like(m) for m in mats]
+        d_x, loss = torch.empty_like(x), x.new_empty(k)
+        c = min(chunk, k)
+        acts = [_augmented(f"fused{i}", c, m.shape[2] - 1, n, x, pooled=True) for i, m in enumerate(mats)]
+        grads = [_take(f"dfused{i}", (c, m.shape[1], n), x) for i, m in enumerate(mats)]
+        for k0 in range(0, k, c):
+            part = slice(k0, min(k0 + c, k))
+            m = part.stop - k0
+            a, g = [t[:m] for t in acts], [t[:m] for t in grads]
+            a[0][:, :-1] = x[part]
+            for i in range(n_linear - 1):
+                torch.bmm(mats[i][part], a[i], out=a[i + 1][:, :-1]).relu_()
+            logits = torch.bmm(mats[-1][part], a[-1], out=g[-1])
+            target = y[part].reshape(m, n_out, n)
+            loss[part] = bce_terms(logits, target).view(m, -1).mean(1)
+            grad = torch.sigmoid(logits).sub_(target).mul_(1.0 / (n_out * n))
+            for i in range(n_linear - 1, -1, -1):
+                torch.bmm(grad, a[i].transpose(1, 2), out=d_mats[i][part])  # weight | bias
+                w_t = mats[i][part, :, :-1].transpose(1, 2)
+                if i == 0:
+                    torch.bmm(w_t, grad, out=d_x[part])
+                    break
+                grad = torch.bmm(w_t, grad, out=g[i - 1])
+                torch.ops.aten.threshold_backward.grad_input(grad, a[i][:, :-1], 0.0, grad_input=grad)  # ReLU
+        _give({**{f"fused{i}": t for i, t in enumerate(acts)}, **{f"dfused{i}": t for i, t in enumerate(grads)}})
+        ctx.save_for_backward(d_x, *d_mats)
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        d_x, *d_mats = ctx.saved_tensors
+        scale = grad.view(-1, 1, 1)
+        return (d_x * scale, None, None, *[d[..., :-1] * scale for d in d_mats],
+                *[d[..., -1] * scale[..., 0] for d in d_mats])
+
+
+def population_mlp_bce(x: Tensor, y: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
+    """Per-network mean BCE ``[K]`` of :func:`population_mlp` ``(x [K, F0, T * B])`` against targets
+    ``y [K, O, T, B]`` (feature-major, like the head's output), for training: fused into one
+    pass over cache-sized groups of networks on a CPU, all networks at once on a GPU."""
+    chunk = x.shape[0] if x.is_cuda else HEAD_CHUNK
+    return _HeadBCEFunction.apply(x, y, chunk, *weights, *biases)
+
+
 class PopulationNet(nn.Module):
     """K networks of one architecture; ``forward(x [K or 1, B, ...]) -> [K, B, ...]`` (1: the same
     input for every network). Subclasses implement ``forward`` from :meth:`named` parameters."""
@@ -112,6 +180,11 @@ class PopulationNet(nn.Module):
 
     def named(self) -> dict[str, Tensor]:
         return dict(zip(self.names, self.params))
+
+    def training_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
+        """Per-network training loss ``[K]`` of inputs ``x`` against targets ``y``
+        (:func:`mlds.tasks.task.training_loss` of ``self(x)``); a kind may fuse it."""
+        return training_loss(self(x), y, mask, loss)
 
     def network_state_dict(self, k: int) -> dict[str, Tensor]:
         """Network ``k`` as a plain state dict (CPU copies)."""
@@ -138,18 +211,31 @@ class PopulationNet(nn.Module):
 class PopulationRecurrentNet(PopulationNet):
     """K recurrent networks (``kind: recurrent``); ``forward(x [K or 1, B, T, I]) -> logits [K, B, T, O]``."""
 
-    def forward(self, x: Tensor) -> Tensor:
+    def _parts(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """The last recurrent layer's states ``[K, H, T, B]`` and the head's weights and biases."""
         p = self.named()
-        n_layers = self.spec["num_layers"]
         layers = [tuple(p[f"rnn.{kind}_l{i}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
-                  for i in range(n_layers)]
-        h = recurrent_stack_features(self.spec["cell"], x, layers)  # [K, H, T, B]
+                  for i in range(self.spec["num_layers"])]
+        n_linear = len(self.spec["head_sizes"]) + 1
+        return (recurrent_stack_features(self.spec["cell"], x, layers),
+                [p[f"head.{2 * i}.weight"] for i in range(n_linear)], [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
+
+    def forward(self, x: Tensor) -> Tensor:
+        h, weights, biases = self._parts(x)
         k, _, t, b = h.shape
         # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
-        n_linear = len(self.spec["head_sizes"]) + 1
-        out = population_mlp(h.view(k, h.shape[1], t * b), [p[f"head.{2 * i}.weight"] for i in range(n_linear)],
-                             [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
+        out = population_mlp(h.view(k, h.shape[1], t * b), weights, biases)
         return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]
+
+    def training_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
+        """Unmasked BCE with per-step targets ``y [K, B, T, O]``: the head and the loss fused
+        (:func:`population_mlp_bce`); anything else as :meth:`PopulationNet.training_loss`."""
+        per_step = (self.size, *x.shape[1:3], self.spec["output_size"])
+        if loss != "bce" or mask is not None or tuple(y.shape) != per_step or not torch.is_grad_enabled():
+            return super().training_loss(x, y, mask, loss)
+        h, weights, biases = self._parts(x)
+        k, _, t, b = h.shape
+        return population_mlp_bce(h.view(k, h.shape[1], t * b), y.permute(0, 3, 2, 1), weights, biases)
 
 
 class PopulationConvNet(PopulationNet):

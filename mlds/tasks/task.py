@@ -126,3 +126,34 @@ def score(logits: Tensor, split_y: Tensor, mask: Tensor | None, loss: str) -> tu
     m = mask.to(per_step.dtype).expand(per_step.shape)
     count = m.sum(dims).clamp(min=1)
     return (per_step * m).sum(dims) / count, (correct * m).sum(dims) / count
+
+
+class _BCEWithLogitsMean(torch.autograd.Function):
+    """Per-network mean of ``binary_cross_entropy_with_logits(logits, y)`` over all but the
+    first dimension: the loss :func:`score` computes, from a few fast
+    element-wise operators (PyTorch's CPU ``log_sigmoid`` is slow) and with the
+    gradient ``(sigmoid(logits) - y) / n`` written directly."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, y: Tensor) -> Tensor:
+        ctx.save_for_backward(logits, y)
+        per = bce_terms(logits, y)
+        return per.reshape(per.shape[0], -1).mean(1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        logits, y = ctx.saved_tensors
+        n = logits[0].numel()
+        scale = (grad / n).view(-1, *([1] * (logits.dim() - 1)))
+        return torch.sigmoid(logits).sub_(y).mul_(scale), None
+
+
+def training_loss(logits: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
+    """Per-network training loss ``[K]``: the loss of :func:`score` without the accuracy,
+    which training does not need."""
+    if loss == "bce" and mask is None and y.shape == logits.shape:
+        return _BCEWithLogitsMean.apply(logits, y)
+    if loss == "ce" and mask is None:
+        per_step = F.cross_entropy(logits.flatten(0, -2), y.expand(logits.shape[:-1]).flatten(), reduction="none")
+        return per_step.view(logits.shape[0], -1).mean(1)
+    return score(logits, y, mask, loss)[0]

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 
 from mlds.nets.population import PopulationNet
 from mlds.nets.recurrent import clear_buffers
-from mlds.tasks.task import NetworkData, Split, Task, bce_terms, score
+from mlds.tasks.task import NetworkData, Split, Task, score
 
 
 def batch_order(seed: int, epoch: int, n: int) -> Tensor:
@@ -117,7 +117,7 @@ class PopulationModule(L.LightningModule):
         x, y = train.x[idx], train.y[idx]
         if self.data is not None:
             x, y, _ = self.data.apply("train", x, y, idx)
-        loss = training_loss(self.net(x), y, None if train.mask is None else train.mask[idx], self.task.loss)
+        loss = self.net.training_loss(x, y, None if train.mask is None else train.mask[idx], self.task.loss)
         opt = self.optimizers()
         opt.zero_grad(set_to_none=True)
         self.manual_backward(loss.sum())
@@ -191,37 +191,6 @@ class PopulationModule(L.LightningModule):
         """Per-network (loss, accuracy) of the networks still training on evaluation split ``name``."""
         return evaluate(self.net, self.task.evals[name], self.task.loss, self.eval_batch,
                         None if self.data is None else partial(self.data.apply, name))
-
-
-class _BCEWithLogitsMean(torch.autograd.Function):
-    """Per-network mean of ``binary_cross_entropy_with_logits(logits, y)`` over all but the
-    first dimension: the loss :func:`mlds.tasks.task.score` computes, from a few fast
-    element-wise operators (PyTorch's CPU ``log_sigmoid`` is slow) and with the
-    gradient ``(sigmoid(logits) - y) / n`` written directly."""
-
-    @staticmethod
-    def forward(ctx, logits: Tensor, y: Tensor) -> Tensor:
-        ctx.save_for_backward(logits, y)
-        per = bce_terms(logits, y)
-        return per.reshape(per.shape[0], -1).mean(1)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        logits, y = ctx.saved_tensors
-        n = logits[0].numel()
-        scale = (grad / n).view(-1, *([1] * (logits.dim() - 1)))
-        return torch.sigmoid(logits).sub_(y).mul_(scale), None
-
-
-def training_loss(logits: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
-    """Per-network training loss ``[K]``: the loss of :func:`mlds.tasks.task.score` without
-    the accuracy, which training does not need."""
-    if loss == "bce" and mask is None and y.shape == logits.shape:
-        return _BCEWithLogitsMean.apply(logits, y)
-    if loss == "ce" and mask is None:
-        per_step = F.cross_entropy(logits.flatten(0, -2), y.expand(logits.shape[:-1]).flatten(), reduction="none")
-        return per_step.view(logits.shape[0], -1).mean(1)
-    return score(logits, y, mask, loss)[0]
 
 
 @torch.no_grad()

@@ -26,7 +26,7 @@ def population_size_for(free_bytes: float, bytes_per_network: float, n_seeds: in
 def bytes_per_network(rec: dict, task: Task, device: torch.device, probe: int = PROBE) -> float:
     """Peak CUDA memory per network of a probe population: the larger of a training step (activations
     and gradients, plus Adam's two moments) and an evaluation chunk of 256 samples."""
-    from mlds.train.engine import training_loss
+    from mlds.tasks.task import training_loss
 
     net = population_from_seeds(rec["architecture"], range(probe)).to(device)
     train = task.train.to(device)
