@@ -36,6 +36,8 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.nn import functional as F
 
+from mlds.nets import cpu_kernel
+
 GATES = {"gru": 3, "lstm": 4}
 
 Layer = tuple[Tensor, Tensor, Tensor, Tensor]
@@ -171,34 +173,37 @@ def _forward(cell: str, x: Tensor, wp: Tensor, save: bool):
             cs, tcs = x.new_empty(slots, lk, hidden, batch), x.new_empty(1, lk, hidden, batch)
         for layer in range(n_layers):
             cs[layer % slots, layer * k : (layer + 1) * k] = 0.0
-    wpf = wp.reshape(lk, gw, width)
-    for s in range(n_steps):
-        lo, hi = _span(s, t_len, n_layers)
-        nl = hi - lo + 1
-        cur, nxt, a_s = (s, s + 1, s) if save else (s % 2, (s + 1) % 2, 0)
-        if not save and lo == 0:
-            hc[cur, 0, :, :n_in] = x[:, :, s].transpose(1, 2)
-        rows = slice(lo * k, (hi + 1) * k)
-        a = torch.bmm(wpf[rows], hcf[cur, rows], out=acts[a_s, rows])  # [L'K, 4H, B]
-        h_out = hc[nxt, lo : hi + 1, :, wb:hh]
-        if lstm:
-            a.sigmoid_()
-            g = a[:, h3:].mul_(2).sub_(1)
-            c_new = cs[nxt, rows]
-            torch.mul(a[:, hidden:h2], cs[cur, rows], out=c_new)
-            c_new.addcmul_(a[:, :hidden], g)
-            tc = torch.tanh(c_new, out=tcs[a_s, rows])
-            torch.mul(a[:, h2:h3].view(nl, k, hidden, batch), tc.view(nl, k, hidden, batch), out=h_out)
-        else:
-            a[:, :h2].sigmoid_()
-            n = a[:, h2:h3].addcmul_(a[:, :hidden], a[:, h3:]).sigmoid_().mul_(2).sub_(1)
-            torch.lerp(n.view(nl, k, hidden, batch), hc[cur, lo : hi + 1, :, wb:hh],
-                       a[:, hidden:h2].view(nl, k, hidden, batch), out=h_out)
-        top = min(hi, n_layers - 2)
-        if top >= lo:  # the next layer reads this output at the next step
-            hc[nxt, lo + 1 : top + 2, :, :hidden] = h_out[: top - lo + 1]
-        if not save and hi == n_layers - 1:
-            out[s - n_layers + 1] = h_out[-1]
+    if save and cpu_kernel.usable(cell, batch, wp, hc, acts):
+        cpu_kernel.gru_forward(wp, hc, acts, wb, t_len)  # the same loop compiled (mlds/nets/gru_kernel.c)
+    else:
+        wpf = wp.reshape(lk, gw, width)
+        for s in range(n_steps):
+            lo, hi = _span(s, t_len, n_layers)
+            nl = hi - lo + 1
+            cur, nxt, a_s = (s, s + 1, s) if save else (s % 2, (s + 1) % 2, 0)
+            if not save and lo == 0:
+                hc[cur, 0, :, :n_in] = x[:, :, s].transpose(1, 2)
+            rows = slice(lo * k, (hi + 1) * k)
+            a = torch.bmm(wpf[rows], hcf[cur, rows], out=acts[a_s, rows])  # [L'K, 4H, B]
+            h_out = hc[nxt, lo : hi + 1, :, wb:hh]
+            if lstm:
+                a.sigmoid_()
+                g = a[:, h3:].mul_(2).sub_(1)
+                c_new = cs[nxt, rows]
+                torch.mul(a[:, hidden:h2], cs[cur, rows], out=c_new)
+                c_new.addcmul_(a[:, :hidden], g)
+                tc = torch.tanh(c_new, out=tcs[a_s, rows])
+                torch.mul(a[:, h2:h3].view(nl, k, hidden, batch), tc.view(nl, k, hidden, batch), out=h_out)
+            else:
+                a[:, :h2].sigmoid_()
+                n = a[:, h2:h3].addcmul_(a[:, :hidden], a[:, h3:]).sigmoid_().mul_(2).sub_(1)
+                torch.lerp(n.view(nl, k, hidden, batch), hc[cur, lo : hi + 1, :, wb:hh],
+                           a[:, hidden:h2].view(nl, k, hidden, batch), out=h_out)
+            top = min(hi, n_layers - 2)
+            if top >= lo:  # the next layer reads this output at the next step
+                hc[nxt, lo + 1 : top + 2, :, :hidden] = h_out[: top - lo + 1]
+            if not save and hi == n_layers - 1:
+                out[s - n_layers + 1] = h_out[-1]
     if save:
         out = hc[n_layers : n_layers + t_len, n_layers - 1, :, wb:hh]
     out = out.permute(1, 2, 0, 3).contiguous()  # [T, K, H, B] -> [K, H, T, B]
@@ -223,6 +228,12 @@ def _backward(cell: str, grad_out: Tensor, x_shape, wp: Tensor, saved: dict, nee
     lk = n_layers * k
     lstm = cell == "lstm"
     hc, acts = saved["hc"], saved["acts"]
+    if cpu_kernel.usable(cell, batch, wp, hc, acts, grad_out):  # the same loop compiled (mlds/nets/gru_kernel.c)
+        dwp = grad_out.new_empty(wp.shape)
+        dx = grad_out.new_empty(t_len, k, n_in, batch) if need_x else None
+        cpu_kernel.gru_backward(wp, hc, acts, grad_out, dwp, dx, wb, n_in)
+        _give(saved)
+        return _input_gradient(dx, kx, k), dwp
     hcf = hc.view(n_steps + 1, lk, width, batch)
     if lstm:
         cs, tcs = saved["cs"], saved["tcs"]
@@ -280,12 +291,17 @@ def _backward(cell: str, grad_out: Tensor, x_shape, wp: Tensor, saved: dict, nee
             dx[s] = dinp[:k, :n_in]
     _give({"g": gbuf, "dinp": dbuf})
     _give(saved)
-    if dx is not None:
-        dx = dx.permute(1, 3, 0, 2)  # [K, B, T, I]
-        if kx == 1 and k > 1:
-            dx = dx.sum(0, keepdim=True)
-        dx = dx.contiguous()
-    return dx, dwp.view(n_layers, k, gw, width)
+    return _input_gradient(dx, kx, k), dwp.view(n_layers, k, gw, width)
+
+
+def _input_gradient(dx: Tensor | None, kx: int, k: int) -> Tensor | None:
+    """``dx [T, K, I, B]`` as the gradient of ``x [K or 1, B, T, I]``."""
+    if dx is None:
+        return None
+    dx = dx.permute(1, 3, 0, 2)  # [K, B, T, I]
+    if kx == 1 and k > 1:
+        dx = dx.sum(0, keepdim=True)
+    return dx.contiguous()
 
 
 class _StackFunction(torch.autograd.Function):
