@@ -1,8 +1,12 @@
-"""The fast recurrent path (mlds.nets.recurrent, the population head, the training loss) equals plain PyTorch.
+"""The fast recurrent path (mlds.nets.recurrent, the compiled GRU kernel, the population head, the training
+loss) equals plain PyTorch.
 
 Reference: ``nn.GRU`` / ``nn.LSTM`` / ``nn.Linear`` modules (one per network) and
 autograd. Outputs agree to 1e-6, gradients to 1e-5; ``gradcheck`` in float64 on
-tiny sizes checks the hand-written backward passes exactly.
+tiny sizes checks the hand-written backward passes exactly. GRU stacks in float32
+with a batch that is a multiple of 16 run through the compiled kernel
+(:mod:`mlds.nets.cpu_kernel`) where a C compiler is present, the others through
+the operator path; both are held to ``nn.GRU`` and to each other.
 """
 import pytest
 import torch
@@ -13,7 +17,7 @@ from conftest import GRU_SPEC
 from mlds.nets import recurrent
 from mlds.nets.registry import build
 from mlds.tasks.task import training_loss
-from mlds.nets import population
+from mlds.nets import cpu_kernel, population
 from mlds.nets.population import population_mlp, population_mlp_bce
 from mlds.nets.registry import population_from_seeds
 from mlds.nets.recurrent import recurrent_stack
@@ -38,9 +42,14 @@ def grads(layers):
     return [p.grad.clone() for layer in layers for p in layer]
 
 
+needs_kernel = pytest.mark.skipif(cpu_kernel._compiler() is None, reason="no C compiler: the kernel cannot be built")
+
+
+@pytest.mark.parametrize("batch", [4, 16])
 @pytest.mark.parametrize("cell,n_in,hidden,n_layers", SHAPES)
-def test_matches_plain_modules_outputs_and_gradients(cell, n_in, hidden, n_layers):
-    k, batch, t_len = 3, 4, 7
+def test_matches_plain_modules_outputs_and_gradients(cell, n_in, hidden, n_layers, batch):
+    """Batch 4: the operator path; batch 16: GRU stacks through the compiled kernel (where it builds)."""
+    k, t_len = 3, 7
     mods, layers = plain_stack(cell, n_in, hidden, n_layers, k)
     x = torch.randn(k, batch, t_len, n_in, requires_grad=True)
     weight = torch.randn(k, batch, t_len, hidden)
@@ -56,6 +65,56 @@ def test_matches_plain_modules_outputs_and_gradients(cell, n_in, hidden, n_layer
         for i in range(n_layers):
             for kind, p in zip(KINDS, layers[i]):
                 torch.testing.assert_close(p.grad[j], getattr(m, f"{kind}_l{i}").grad, atol=1e-5, rtol=0)
+
+
+@needs_kernel
+@pytest.mark.parametrize("n_in,hidden,n_layers,batch", [(9, 8, 4, 32), (5, 8, 1, 16), (4, 16, 3, 48)])
+def test_compiled_kernel_equals_operator_path(monkeypatch, n_in, hidden, n_layers, batch):
+    """Outputs (with and without gradients) and every gradient, kernel against operators."""
+    assert cpu_kernel.library() is not None
+    k, t_len = 3, 6
+    _, layers = plain_stack("gru", n_in, hidden, n_layers, k, seed=5)
+    x = torch.randn(k, batch, t_len, n_in, requires_grad=True)
+    weight = torch.randn(k, hidden, t_len, batch)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MLDS_CPU_KERNEL", flag)
+        assert cpu_kernel.usable("gru", batch, x) == (flag == "1")
+        for t in (x, *[p for layer in layers for p in layer]):
+            t.grad = None
+        out = recurrent.recurrent_stack_features("gru", x, layers)
+        (out * weight).sum().backward()
+        with torch.no_grad():
+            plain_out = recurrent.recurrent_stack_features("gru", x, layers)
+        results.append((out.detach(), plain_out, x.grad.clone(), grads(layers)))
+    (out1, nograd1, dx1, g1), (out0, nograd0, dx0, g0) = results
+    torch.testing.assert_close(out1, out0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(nograd1, out1, atol=0, rtol=0)
+    torch.testing.assert_close(nograd0, out0, atol=1e-6, rtol=0)
+    torch.testing.assert_close(dx1, dx0, atol=1e-5, rtol=0)
+    for a, b in zip(g1, g0):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_without_a_compiler_training_uses_the_operator_path(monkeypatch, tmp_path):
+    """No compiler: one warning, the operator path, the same numbers as with the kernel turned off."""
+    monkeypatch.setenv("CC", "no-such-compiler-mlds")
+    monkeypatch.setattr(cpu_kernel.sysconfig, "get_config_var", lambda name: None)
+    monkeypatch.setattr(cpu_kernel.shutil, "which", lambda name: None)
+    monkeypatch.setenv("MLDS_CACHE", str(tmp_path))
+    cpu_kernel.library.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="operator path"):
+            assert cpu_kernel.library() is None
+        _, layers = plain_stack("gru", 9, 8, 2, 2)
+        x = torch.randn(2, 16, 5, 9)
+        assert not cpu_kernel.usable("gru", 16, x)
+        out = recurrent.recurrent_stack_features("gru", x, layers)
+        monkeypatch.setenv("MLDS_CPU_KERNEL", "0")
+        torch.testing.assert_close(out, recurrent.recurrent_stack_features("gru", x, layers), atol=0, rtol=0)
+        assert not list(tmp_path.iterdir())
+    finally:
+        cpu_kernel.library.cache_clear()
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])

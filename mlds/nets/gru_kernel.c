@@ -48,13 +48,42 @@ static inline vf exp_approx(vf x) {
 
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
-/* out[o][b] = sum_i w[o * so + i * si] * in[i * in_row + b] for o < n_out, i < n_sum: two vectors of the
- * batch accumulate in registers while the row of w is broadcast. */
-static void matmul(float *restrict out, const float *restrict w, int so, int si, const float *restrict in,
-                   size_t in_row, int n_out, int n_sum, int batch) {
+/* out[o * out_row + b] = sum_i w[o * so + i * si] * in[i * in_row + b] for o < n_out, i < n_sum,
+ * b < batch: four rows by two vectors of the batch accumulate in registers. */
+static void matmul(float *restrict out, size_t out_row, const float *restrict w, int so, int si,
+                   const float *restrict in, size_t in_row, int n_out, int n_sum, int batch) {
     int b = 0;
-    for (; b + 2 * VL <= batch; b += 2 * VL)
-        for (int o = 0; o < n_out; o++) {
+    for (; b + 2 * VL <= batch; b += 2 * VL) {
+        int o = 0;
+        for (; o + 4 <= n_out; o += 4) {
+            vf a0 = (vf){0}, a1 = (vf){0}, c0 = (vf){0}, c1 = (vf){0};
+            vf e0 = (vf){0}, e1 = (vf){0}, f0 = (vf){0}, f1 = (vf){0};
+            const float *w0 = w + (size_t)o * so;
+            for (int i = 0; i < n_sum; i++) {
+                const float *row = in + i * in_row + b;
+                const vf x0 = load(row), x1 = load(row + VL);
+                const size_t at = (size_t)i * si;
+                const float p = w0[at], q = w0[so + at], r = w0[2 * (size_t)so + at], t = w0[3 * (size_t)so + at];
+                a0 += p * x0;
+                a1 += p * x1;
+                c0 += q * x0;
+                c1 += q * x1;
+                e0 += r * x0;
+                e1 += r * x1;
+                f0 += t * x0;
+                f1 += t * x1;
+            }
+            float *dst = out + (size_t)o * out_row + b;
+            store(dst, a0);
+            store(dst + VL, a1);
+            store(dst + out_row, c0);
+            store(dst + out_row + VL, c1);
+            store(dst + 2 * out_row, e0);
+            store(dst + 2 * out_row + VL, e1);
+            store(dst + 3 * out_row, f0);
+            store(dst + 3 * out_row + VL, f1);
+        }
+        for (; o < n_out; o++) {
             vf a0 = (vf){0}, a1 = (vf){0};
             for (int i = 0; i < n_sum; i++) {
                 const float wi = w[(size_t)o * so + (size_t)i * si];
@@ -62,15 +91,51 @@ static void matmul(float *restrict out, const float *restrict w, int so, int si,
                 a0 += wi * load(row);
                 a1 += wi * load(row + VL);
             }
-            float *dst = out + (size_t)o * batch + b;
+            float *dst = out + (size_t)o * out_row + b;
             store(dst, a0);
             store(dst + VL, a1);
         }
+    }
     for (; b < batch; b += VL)
         for (int o = 0; o < n_out; o++) {
             vf a0 = (vf){0};
             for (int i = 0; i < n_sum; i++) a0 += w[(size_t)o * so + (size_t)i * si] * load(in + i * in_row + b);
-            store(out + (size_t)o * batch + b, a0);
+            store(out + (size_t)o * out_row + b, a0);
+        }
+}
+
+static inline float total(vf v) {
+    float t = 0.0f;
+    for (int i = 0; i < VL; i++) t += v[i];
+    return t;
+}
+
+/* out[o * out_row + i] = sum_m g[o * g_row + m] * a[i * a_row + m] for o < n_out, i < n_in, m < len
+ * (len a multiple of VL): four rows of g at a time, the sums kept per lane in registers. */
+static void dots(float *restrict out, size_t out_row, const float *restrict g, size_t g_row,
+                 const float *restrict a, size_t a_row, int n_out, int n_in, size_t len) {
+    int o = 0;
+    for (; o + 4 <= n_out; o += 4)
+        for (int i = 0; i < n_in; i++) {
+            vf s0 = (vf){0}, s1 = (vf){0}, s2 = (vf){0}, s3 = (vf){0};
+            const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
+            for (size_t m = 0; m < len; m += VL) {
+                const vf x = load(ai + m);
+                s0 += load(g0 + m) * x;
+                s1 += load(g0 + g_row + m) * x;
+                s2 += load(g0 + 2 * g_row + m) * x;
+                s3 += load(g0 + 3 * g_row + m) * x;
+            }
+            out[(size_t)o * out_row + i] = total(s0);
+            out[(size_t)(o + 1) * out_row + i] = total(s1);
+            out[(size_t)(o + 2) * out_row + i] = total(s2);
+            out[(size_t)(o + 3) * out_row + i] = total(s3);
+        }
+    for (; o < n_out; o++)
+        for (int i = 0; i < n_in; i++) {
+            vf s0 = (vf){0};
+            for (size_t m = 0; m < len; m += VL) s0 += load(g + (size_t)o * g_row + m) * load(a + (size_t)i * a_row + m);
+            out[(size_t)o * out_row + i] = total(s0);
         }
 }
 
@@ -93,7 +158,7 @@ void gru_forward(const float *restrict wp, float *restrict hc, float *restrict a
                 const float *in = hc + ((size_t)s * n_layers * k_nets + lk) * hc_lk;
                 float *a = acts + ((size_t)s * n_layers * k_nets + lk) * act_lk;
                 float *nxt = hc + ((size_t)(s + 1) * n_layers * k_nets + lk) * hc_lk;
-                matmul(a, w, width, 1, in, batch, gw, width, batch);  /* a = w @ in */
+                matmul(a, batch, w, width, 1, in, batch, gw, width, batch);  /* a = w @ in */
                 for (int u = 0; u < hidden; u++) {  /* gates and the new state */
                     float *ra = a + (size_t)u * batch, *za = a + (size_t)(hidden + u) * batch;
                     float *na = a + (size_t)(2 * hidden + u) * batch;
@@ -118,8 +183,7 @@ void gru_forward(const float *restrict wp, float *restrict hc, float *restrict a
 }
 
 /* dwp[r][j] = sum over (t, b) of gl[r][t][b] * input[j] at step t + l: the inputs gathered into
- * rows like gl's (g_row floats apart), then four rows of gl at a time, the sums kept per lane in
- * registers and added up at the end. */
+ * rows like gl's (g_row floats apart), then :func:`dots`. */
 static void weight_gradient(float *restrict out, const float *restrict gl, const float *restrict in0,
                             float *restrict rows, size_t step_stride, size_t g_row, int gw, int width, int batch,
                             int t_len) {
@@ -127,30 +191,7 @@ static void weight_gradient(float *restrict out, const float *restrict gl, const
         for (int t = 0; t < t_len; t++)
             memcpy(rows + j * g_row + (size_t)t * batch, in0 + t * step_stride + (size_t)j * batch,
                    sizeof(float) * batch);
-    const size_t n = (size_t)t_len * batch;
-    for (int r = 0; r < gw; r += 4)
-        for (int j = 0; j < width; j++) {
-            vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
-            const float *g0 = gl + (size_t)r * g_row, *inj = rows + j * g_row;
-            for (size_t i = 0; i < n; i += VL) {
-                const vf x = load(inj + i);
-                a0 += load(g0 + i) * x;
-                a1 += load(g0 + g_row + i) * x;
-                a2 += load(g0 + 2 * g_row + i) * x;
-                a3 += load(g0 + 3 * g_row + i) * x;
-            }
-            float t0 = 0.0f, t1 = 0.0f, t2 = 0.0f, t3 = 0.0f;
-            for (int v = 0; v < VL; v++) {
-                t0 += a0[v];
-                t1 += a1[v];
-                t2 += a2[v];
-                t3 += a3[v];
-            }
-            out[(size_t)r * width + j] = t0;
-            out[(size_t)(r + 1) * width + j] = t1;
-            out[(size_t)(r + 2) * width + j] = t2;
-            out[(size_t)(r + 3) * width + j] = t3;
-        }
+    dots(out, width, gl, g_row, rows, g_row, gw, width, (size_t)t_len * batch);
 }
 
 void gru_backward(const float *restrict wp, const float *restrict hc, const float *restrict acts,
@@ -199,7 +240,7 @@ void gru_backward(const float *restrict wp, const float *restrict hc, const floa
                         gz[b] = dd * (hp[b] - n[b]) * (z[b] - z[b] * z[b]);
                     }
                 }
-                matmul(dinp, w, 1, width, g, g_row, width, gw, batch);  /* dinp = w^T @ g */
+                matmul(dinp, batch, w, 1, width, g, g_row, width, gw, batch);  /* dinp = w^T @ g */
                 for (int u = 0; u < hidden; u++) {  /* the state gradient one time step back */
                     const float *z = a + (size_t)(hidden + u) * batch, *dh_in = dinp + (size_t)(wb + u) * batch;
                     float *du_ = d + (size_t)u * batch;
@@ -217,5 +258,141 @@ void gru_backward(const float *restrict wp, const float *restrict hc, const floa
             weight_gradient(dwp + ((size_t)l * k_nets + k) * gw * width, gs + (size_t)l * gw * g_row,
                             hc + (size_t)l * step_stride + ((size_t)l * k_nets + k) * hc_lk, rows, step_stride, g_row,
                             gw, width, batch, t_len);
+    }
+}
+
+/* ---- one training step of K GRU + MLP networks with a BCE loss, a network at a time ------- */
+
+/* log(x) for x in [0.5, 1] and around (the loss's log sigmoid(|z|)): Cephes' single-precision
+ * polynomial on the mantissa (relative error about 1e-7). */
+static inline vf log_approx(vf x) {
+    const vi bits = (vi)x;
+    vi e = ((bits >> 23) & 0xff) - 126;
+    vf m = (vf)((bits & 0x807fffff) | 0x3f000000);  /* in [0.5, 1) */
+    const vi small = m < 0.707106781186547524f;
+    e += small;  /* -1 where small */
+    m = select(small, m + m - 1.0f, m - 1.0f);
+    const vf z = m * m;
+    vf y = ((((((((7.0376836292e-2f * m - 1.1514610310e-1f) * m + 1.1676998740e-1f) * m - 1.2420140846e-1f) * m
+                + 1.4249322787e-1f) * m - 1.6668057665e-1f) * m + 2.0000714765e-1f) * m - 2.4999993993e-1f) * m
+         + 3.3333331174e-1f) * m * z;
+    const vf fe = __builtin_convertvector(e, vf);
+    y += fe * -2.12194440e-4f;
+    y += -0.5f * z;
+    return m + y + fe * 0.693359375f;
+}
+
+#define MAX_HEAD 64  /* head layers at most */
+
+/* Floats of work gru_mlp_bce_step needs. */
+size_t gru_mlp_bce_work(const int *sizes, int n_head, int n_layers, int hidden, int width, int batch, int t_len) {
+    const size_t gw = 4 * (size_t)hidden, n_steps = (size_t)t_len + n_layers - 1, n = (size_t)t_len * batch;
+    const size_t g_row = n + VL;
+    size_t widest = 0, acts = 0;
+    for (int i = 0; i <= n_head; i++) widest = sizes[i] > (int)widest ? (size_t)sizes[i] : widest;
+    for (int i = 0; i < n_head; i++) acts += (size_t)(sizes[i] + 1) * n;
+    return 2 * n_layers * gw * width                                   /* one network's wp and dwp */
+           + (n_steps + 1) * n_layers * width * batch                  /* its hc */
+           + n_steps * n_layers * gw * batch                           /* its acts */
+           + (size_t)n_layers * hidden * batch + (size_t)width * batch  /* gru_backward: dh, dinp */
+           + (n_layers * gw + width) * g_row                           /* gru_backward: gates, inputs */
+           + acts + 2 * (size_t)sizes[n_head] * n + 2 * widest * n    /* head: inputs, logits/y, gradients */
+           + (size_t)hidden * n;                                       /* the states' gradient */
+}
+
+/* loss[k] = mean BCE of network k's head on its last layer's states against y, and the gradients of
+ * loss[k] with respect to network k's wp (dwp) and head matrices (dhead), for every k.
+ *   x     [1 or K, B, T, n_in]  (x_shared: one input for all networks)
+ *   y     [K, B, T, O]
+ *   head  for each head layer i: [K, F(i+1), F(i) + 1] (weight | bias), layers one after another;
+ *         sizes = F(0) = H, F(1), ..., F(n_head) = O; ReLU between layers
+ *   work  gru_mlp_bce_work(...) floats
+ */
+void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_shared, const float *restrict y,
+                      const float *restrict head, const int *sizes, int n_head, float *restrict loss,
+                      float *restrict dwp, float *restrict dhead, float *restrict work, int n_layers, int k_nets,
+                      int hidden, int width, int wb, int batch, int t_len, int n_in) {
+    const int gw = 4 * hidden, n_steps = t_len + n_layers - 1, n_out = sizes[n_head];
+    const size_t n = (size_t)t_len * batch, g_row = n + VL, per_w = (size_t)gw * width;
+    const size_t hc_step = (size_t)n_layers * width * batch;
+    float *wpk = work, *dwpk = wpk + n_layers * per_w, *hck = dwpk + n_layers * per_w;
+    float *actk = hck + (n_steps + 1) * hc_step;
+    float *bwork = actk + (size_t)n_steps * n_layers * gw * batch;
+    float *hin = bwork + (size_t)n_layers * hidden * batch + (size_t)width * batch + (n_layers * gw + width) * g_row;
+    float *logits = hin, *target;
+    size_t widest = 0;
+    for (int i = 0; i <= n_head; i++) widest = sizes[i] > (int)widest ? (size_t)sizes[i] : widest;
+    float *h_acts[MAX_HEAD];
+    for (int i = 0; i < n_head; i++) {  /* each layer's input with a row of ones (the bias input) */
+        h_acts[i] = logits;
+        for (size_t m = 0; m < n; m++) h_acts[i][(size_t)sizes[i] * n + m] = 1.0f;
+        logits += (size_t)(sizes[i] + 1) * n;
+    }
+    target = logits + (size_t)n_out * n;
+    float *grad_a = target + (size_t)n_out * n, *grad_b = grad_a + widest * n, *go = grad_b + widest * n;
+    /* the entries of hc no step writes: bias column, padding, zero initial states */
+    memset(hck, 0, sizeof(float) * (n_steps + 1) * hc_step);
+    for (int s = 0; s <= n_steps; s++)
+        for (int l = 0; l < n_layers; l++)
+            for (int b = 0; b < batch; b++) hck[s * hc_step + ((size_t)l * width + width - 1) * batch + b] = 1.0f;
+    const float inv = 1.0f / (float)((size_t)n_out * n);
+    for (int k = 0; k < k_nets; k++) {
+        for (int l = 0; l < n_layers; l++) memcpy(wpk + l * per_w, wp + ((size_t)l * k_nets + k) * per_w, sizeof(float) * per_w);
+        const float *xk = x + (x_shared ? 0 : (size_t)k * batch * t_len * n_in);
+        for (int t = 0; t < t_len; t++)  /* layer 0's input at step t: x[b][t][:] */
+            for (int i = 0; i < n_in; i++)
+                for (int b = 0; b < batch; b++)
+                    hck[t * hc_step + (size_t)i * batch + b] = xk[((size_t)b * t_len + t) * n_in + i];
+        gru_forward(wpk, hck, actk, n_layers, 1, hidden, width, wb, batch, t_len);
+        for (int u = 0; u < hidden; u++)  /* the head's input: the last layer's states, [H][T * B] */
+            for (int t = 0; t < t_len; t++)
+                memcpy(h_acts[0] + (size_t)u * n + (size_t)t * batch,
+                       hck + (t + n_layers) * hc_step + ((size_t)(n_layers - 1) * width + wb + u) * batch,
+                       sizeof(float) * batch);
+        size_t off = 0;
+        const float *mats[MAX_HEAD];
+        float *dmats[MAX_HEAD];
+        for (int i = 0; i < n_head; i++) {  /* head forward */
+            const size_t per = (size_t)sizes[i + 1] * (sizes[i] + 1);
+            mats[i] = head + off + k * per;
+            dmats[i] = dhead + off + k * per;
+            off += per * k_nets;
+            float *out = i + 1 < n_head ? h_acts[i + 1] : logits;
+            matmul(out, n, mats[i], sizes[i] + 1, 1, h_acts[i], n, sizes[i + 1], sizes[i] + 1, (int)n);
+            if (i + 1 < n_head)
+                for (size_t m = 0; m < (size_t)sizes[i + 1] * n; m += VL) {
+                    const vf v = load(out + m);
+                    store(out + m, select(v > 0.0f, v, v - v));
+                }
+        }
+        const float *yk = y + (size_t)k * batch * t_len * n_out;
+        for (int o = 0; o < n_out; o++)  /* targets in the logits' layout, [O][T * B] */
+            for (int t = 0; t < t_len; t++)
+                for (int b = 0; b < batch; b++)
+                    target[(size_t)o * n + (size_t)t * batch + b] = yk[((size_t)b * t_len + t) * n_out + o];
+        vf sum = (vf){0};
+        for (size_t m = 0; m < (size_t)n_out * n; m += VL) {  /* BCE and its gradient */
+            const vf z = load(logits + m), yy = load(target + m);
+            const vf az = select(z > 0.0f, z, -z);
+            sum += select(z > 0.0f, z, z - z) - z * yy - log_approx(sigmoid(az));
+            store(grad_a + m, (sigmoid(z) - yy) * inv);
+        }
+        loss[k] = total(sum) * inv;
+        float *g = grad_a, *spare = grad_b;
+        for (int i = n_head - 1; i >= 0; i--) {  /* head backward */
+            dots(dmats[i], sizes[i] + 1, g, n, h_acts[i], n, sizes[i + 1], sizes[i] + 1, n);
+            float *below = i > 0 ? spare : go;  /* layer 0: the gradient of the states, [H][T][B] */
+            matmul(below, n, mats[i], 1, sizes[i] + 1, g, n, sizes[i], sizes[i + 1], (int)n);
+            if (i > 0) {
+                for (size_t m = 0; m < (size_t)sizes[i] * n; m += VL) {  /* ReLU */
+                    const vf a = load(h_acts[i] + m), d = load(below + m);
+                    store(below + m, select(a > 0.0f, d, d - d));
+                }
+                spare = g;
+                g = below;
+            }
+        }
+        gru_backward(wpk, hck, actk, go, dwpk, NULL, bwork, n_layers, 1, hidden, width, wb, batch, t_len, n_in);
+        for (int l = 0; l < n_layers; l++) memcpy(dwp + ((size_t)l * k_nets + k) * per_w, dwpk + l * per_w, sizeof(float) * per_w);
     }
 }

@@ -16,7 +16,8 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.autograd.function import once_differentiable
 
-from mlds.nets.recurrent import _give, _reclaim, _take, recurrent_stack_features
+from mlds.nets import cpu_kernel
+from mlds.nets.recurrent import _give, _reclaim, _take, pack_stack, recurrent_stack_features
 from mlds.tasks.task import bce_terms, training_loss
 
 # Networks per pass of the fused head + loss on a CPU: one pass's activations (about 0.5 MiB per DS1
@@ -161,6 +162,30 @@ def population_mlp_bce(x: Tensor, y: Tensor, weights: Sequence[Tensor], biases: 
     return _HeadBCEFunction.apply(x, y, chunk, *weights, *biases)
 
 
+class _GRUStepFunction(torch.autograd.Function):
+    """A whole training step of K GRU + MLP networks with a per-network mean BCE in the compiled
+    kernel (:func:`mlds.nets.cpu_kernel.gru_mlp_bce_step`), one network at a time so that its
+    activations never leave the cache: ``(x, y, wp, *head weights, *head biases) -> loss [K]``.
+    As in :class:`_HeadBCEFunction`, the gradients come out of the forward and the backward only
+    scales them by the loss's incoming gradient."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, y: Tensor, wp: Tensor, *params: Tensor) -> Tensor:
+        n_linear = len(params) // 2
+        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        loss, dwp, d_mats = cpu_kernel.gru_mlp_bce_step(x.contiguous(), y.contiguous(), wp.contiguous(), mats)
+        ctx.save_for_backward(dwp, *[d.view(m.shape) for d, m in zip(d_mats, mats)])
+        return loss
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: Tensor):
+        dwp, *d_mats = ctx.saved_tensors
+        scale = grad.view(-1, 1, 1)
+        return (None, None, dwp * scale.unsqueeze(0), *[d[..., :-1] * scale for d in d_mats],
+                *[d[..., -1] * scale[..., 0] for d in d_mats])
+
+
 class PopulationNet(nn.Module):
     """K networks of one architecture; ``forward(x [K or 1, B, ...]) -> [K, B, ...]`` (1: the same
     input for every network). Subclasses implement ``forward`` from :meth:`named` parameters."""
@@ -211,29 +236,35 @@ class PopulationNet(nn.Module):
 class PopulationRecurrentNet(PopulationNet):
     """K recurrent networks (``kind: recurrent``); ``forward(x [K or 1, B, T, I]) -> logits [K, B, T, O]``."""
 
-    def _parts(self, x: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-        """The last recurrent layer's states ``[K, H, T, B]`` and the head's weights and biases."""
+    def _parts(self) -> tuple[list[tuple[Tensor, ...]], list[Tensor], list[Tensor]]:
+        """The recurrent layers' ``(w_ih, w_hh, b_ih, b_hh)`` and the head's weights and biases."""
         p = self.named()
         layers = [tuple(p[f"rnn.{kind}_l{i}"] for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"))
                   for i in range(self.spec["num_layers"])]
         n_linear = len(self.spec["head_sizes"]) + 1
-        return (recurrent_stack_features(self.spec["cell"], x, layers),
-                [p[f"head.{2 * i}.weight"] for i in range(n_linear)], [p[f"head.{2 * i}.bias"] for i in range(n_linear)])
+        return layers, [p[f"head.{2 * i}.weight"] for i in range(n_linear)], [p[f"head.{2 * i}.bias"] for i in range(n_linear)]
 
     def forward(self, x: Tensor) -> Tensor:
-        h, weights, biases = self._parts(x)
+        layers, weights, biases = self._parts()
+        h = recurrent_stack_features(self.spec["cell"], x, layers)
         k, _, t, b = h.shape
         # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
         out = population_mlp(h.view(k, h.shape[1], t * b), weights, biases)
         return out.view(k, -1, t, b).permute(0, 3, 2, 1).contiguous()  # [K, B, T, O]
 
     def training_loss(self, x: Tensor, y: Tensor, mask: Tensor | None, loss: str) -> Tensor:
-        """Unmasked BCE with per-step targets ``y [K, B, T, O]``: the head and the loss fused
+        """Unmasked BCE with per-step targets ``y [K, B, T, O]``: the whole step in the compiled kernel
+        where it runs (GRU on a CPU, :mod:`mlds.nets.cpu_kernel`), else the head and the loss fused
         (:func:`population_mlp_bce`); anything else as :meth:`PopulationNet.training_loss`."""
         per_step = (self.size, *x.shape[1:3], self.spec["output_size"])
         if loss != "bce" or mask is not None or tuple(y.shape) != per_step or not torch.is_grad_enabled():
             return super().training_loss(x, y, mask, loss)
-        h, weights, biases = self._parts(x)
+        layers, weights, biases = self._parts()
+        cell = self.spec["cell"]
+        if cpu_kernel.usable(cell, x.shape[1], weights[0], y) and len(weights) <= cpu_kernel.MAX_HEAD:
+            x, wp = pack_stack(cell, x, layers)
+            return _GRUStepFunction.apply(x, y.to(wp.dtype), wp, *weights, *biases)
+        h = recurrent_stack_features(cell, x, layers)
         k, _, t, b = h.shape
         return population_mlp_bce(h.view(k, h.shape[1], t * b), y.permute(0, 3, 2, 1), weights, biases)
 

@@ -137,8 +137,9 @@ def _forward(cell: str, x: Tensor, wp: Tensor, save: bool):
     is a contiguous run of rows. ``hc[s, l]`` holds layer ``l``'s input at step
     ``s``: ``[below (width_in) | own h (H) | 1]``; ``acts[s]`` the gate
     activations. With ``save`` every step is kept for the backward, otherwise a
-    two-step ring. Every entry a step reads is written first or set here, so
-    buffers reused from an earlier step need no clearing.
+    two-step ring (except under the compiled kernel, which always writes every
+    step). Every entry a step reads is written first or set here, so buffers
+    reused from an earlier step need no clearing.
     """
     n_layers, k, gw, width = wp.shape
     hidden = gw // 4
@@ -148,7 +149,8 @@ def _forward(cell: str, x: Tensor, wp: Tensor, save: bool):
     lk = n_layers * k
     lstm = cell == "lstm"
     h2, h3, hh = 2 * hidden, 3 * hidden, wb + hidden
-    if save:
+    kernel = cpu_kernel.usable(cell, batch, wp)
+    if save or kernel:
         slots = n_steps + 1
         hc = _take("hc", (slots, n_layers, k, width, batch), x)
         acts = _take("acts", (n_steps, lk, gw, batch), x)
@@ -173,7 +175,7 @@ def _forward(cell: str, x: Tensor, wp: Tensor, save: bool):
             cs, tcs = x.new_empty(slots, lk, hidden, batch), x.new_empty(1, lk, hidden, batch)
         for layer in range(n_layers):
             cs[layer % slots, layer * k : (layer + 1) * k] = 0.0
-    if save and cpu_kernel.usable(cell, batch, wp, hc, acts):
+    if kernel:
         cpu_kernel.gru_forward(wp, hc, acts, wb, t_len)  # the same loop compiled (mlds/nets/gru_kernel.c)
     else:
         wpf = wp.reshape(lk, gw, width)
@@ -204,11 +206,15 @@ def _forward(cell: str, x: Tensor, wp: Tensor, save: bool):
                 hc[nxt, lo + 1 : top + 2, :, :hidden] = h_out[: top - lo + 1]
             if not save and hi == n_layers - 1:
                 out[s - n_layers + 1] = h_out[-1]
-    if save:
+    if save or kernel:
         out = hc[n_layers : n_layers + t_len, n_layers - 1, :, wb:hh]
     out = out.permute(1, 2, 0, 3).contiguous()  # [T, K, H, B] -> [K, H, T, B]
-    saved = {"acts": acts, "hc": hc, **({"cs": cs, "tcs": tcs} if lstm else {})} if save else {}
-    return out, saved
+    buffers = {"acts": acts, "hc": hc, **({"cs": cs, "tcs": tcs} if lstm else {})}
+    if save:
+        return out, buffers
+    if kernel:
+        _give(buffers)
+    return out, {}
 
 
 def _backward(cell: str, grad_out: Tensor, x_shape, wp: Tensor, saved: dict, need_x: bool):
@@ -326,14 +332,19 @@ class _StackFunction(torch.autograd.Function):
         return None, dx, dwp
 
 
-def recurrent_stack_features(cell: str, x: Tensor, layers: list[Layer]) -> Tensor:
-    """:func:`recurrent_stack` with the output feature-major, ``[K, H, T, B]`` (the layout
-    the computation uses inside; what a batched head on ``[K, H, T * B]`` wants)."""
+def pack_stack(cell: str, x: Tensor, layers: list[Layer]) -> tuple[Tensor, Tensor]:
+    """``x`` in the weights' dtype and the packed weights ``wp [L, K, 4H, W]`` (autograd-tracked)
+    of a stack, checked; ``W - H - 1`` input columns per layer."""
     _check(cell, x, layers)
     hidden = layers[0][1].shape[-1]
     width_in = max([x.shape[-1]] + [hidden] * (len(layers) > 1))
-    x = x.to(layers[0][1].dtype)
-    wp = _pack(cell, layers, width_in)
+    return x.to(layers[0][1].dtype), _pack(cell, layers, width_in)
+
+
+def recurrent_stack_features(cell: str, x: Tensor, layers: list[Layer]) -> Tensor:
+    """:func:`recurrent_stack` with the output feature-major, ``[K, H, T, B]`` (the layout
+    the computation uses inside; what a batched head on ``[K, H, T * B]`` wants)."""
+    x, wp = pack_stack(cell, x, layers)
     if not (torch.is_grad_enabled() and (x.requires_grad or wp.requires_grad)):
         with torch.no_grad():
             return _forward(cell, x, wp, save=False)[0]
