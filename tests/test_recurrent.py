@@ -96,6 +96,34 @@ def test_compiled_kernel_equals_operator_path(monkeypatch, n_in, hidden, n_layer
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
+@needs_kernel
+@pytest.mark.parametrize("shared_input", [False, True])
+def test_compiled_training_step_and_forward_equal_the_operator_path(monkeypatch, shared_input):
+    """The whole step in the kernel (GRU, head, BCE, both backwards, a network at a time) gives the loss and
+    every gradient of the operator path, also under a non-unit incoming gradient; its forward-only mode
+    (evaluation) gives the same logits."""
+    k, batch = 5, 32
+    pop = population_from_seeds(GRU_SPEC, range(k))
+    x = (torch.rand(1 if shared_input else k, batch, 7, 9, generator=torch.Generator().manual_seed(0)) < 0.5).float()
+    y = (torch.rand(k, batch, 7, 8, generator=torch.Generator().manual_seed(1)) < 0.5).float()
+    weight = torch.arange(1.0, k + 1.0)
+    results = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("MLDS_CPU_KERNEL", flag)
+        assert pop._kernel_runs(x, [pop.named()["head.0.weight"]]) == (flag == "1")
+        pop.zero_grad(set_to_none=True)
+        loss = pop.training_loss(x, y, None, "bce")
+        (loss * weight).sum().backward()
+        with torch.no_grad():
+            logits = pop(x)
+        results.append((loss.detach(), [p.grad.clone() for p in pop.parameters()], logits))
+    (loss1, grads1, logits1), (loss0, grads0, logits0) = results
+    torch.testing.assert_close(loss1, loss0, atol=1e-6, rtol=0)
+    for a, b in zip(grads1, grads0):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(logits1, logits0, atol=1e-5, rtol=0)
+
+
 def test_without_a_compiler_training_uses_the_operator_path(monkeypatch, tmp_path):
     """No compiler: one warning, the operator path, the same numbers as with the kernel turned off."""
     monkeypatch.setenv("CC", "no-such-compiler-mlds")

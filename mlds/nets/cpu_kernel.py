@@ -102,7 +102,7 @@ def library() -> ctypes.CDLL | None:
     lib.gru_mlp_bce_work.restype = ctypes.c_size_t
     lib.gru_mlp_bce_work.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6
     lib.gru_mlp_bce_step.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                      ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 4 + [ctypes.c_int] * 8)
+                                      ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8)
     return lib
 
 
@@ -138,24 +138,39 @@ def gru_backward(wp: Tensor, hc: Tensor, acts: Tensor, grad_out: Tensor, dwp: Te
 MAX_HEAD = 64  # head layers the fused step takes at most (MAX_HEAD in gru_kernel.c)
 
 
-def gru_mlp_bce_step(x: Tensor, y: Tensor, wp: Tensor, mats: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """One training step's forward and backward of K GRU + MLP networks with a per-network mean BCE,
-    a network at a time: ``(loss [K], dwp, [d mat])`` for ``x [1 or K, B, T, I]``, ``y [K, B, T, O]``,
-    packed weights ``wp [L, K, 4H, W]`` and head matrices ``mats[i] [K, F(i+1), F(i) + 1]`` (weight | bias,
-    ReLU between layers)."""
+def _gru_mlp(x: Tensor, y: Tensor | None, wp: Tensor, mats: list[Tensor]):
     n_layers, k, gw, width = wp.shape
     hidden = gw // 4
     _, batch, t_len, n_in = x.shape
     if len(mats) > MAX_HEAD:
-        raise ValueError(f"the fused step takes at most {MAX_HEAD} head layers, not {len(mats)}")
+        raise ValueError(f"the compiled kernel takes at most {MAX_HEAD} head layers, not {len(mats)}")
     sizes = [hidden] + [m.shape[1] for m in mats]
     c_sizes = (ctypes.c_int * len(sizes))(*sizes)
     lib = library()
     work = wp.new_empty(lib.gru_mlp_bce_work(c_sizes, len(mats), n_layers, hidden, width, batch, t_len))
     head = torch.cat([m.reshape(-1) for m in mats])
-    dhead = torch.empty_like(head)
-    loss, dwp = wp.new_empty(k), torch.empty_like(wp)
+    if y is None:
+        loss = dwp = dhead = None
+        out = wp.new_empty(k, batch, t_len, sizes[-1])
+    else:
+        out = None
+        dhead, loss, dwp = torch.empty_like(head), wp.new_empty(k), torch.empty_like(wp)
     lib.gru_mlp_bce_step(_ptr(wp), _ptr(x), int(x.shape[0] == 1 and k > 1), _ptr(y), _ptr(head), c_sizes, len(mats),
-                         _ptr(loss), _ptr(dwp), _ptr(dhead), _ptr(work), n_layers, k, hidden, width,
+                         _ptr(loss), _ptr(out), _ptr(dwp), _ptr(dhead), _ptr(work), n_layers, k, hidden, width,
                          width - hidden - 1, batch, t_len, n_in)
+    if y is None:
+        return out
     return loss, dwp, list(torch.split(dhead, [m.numel() for m in mats]))
+
+
+def gru_mlp_bce_step(x: Tensor, y: Tensor, wp: Tensor, mats: list[Tensor]) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One training step's forward and backward of K GRU + MLP networks with a per-network mean BCE,
+    a network at a time: ``(loss [K], dwp, [d mat])`` for ``x [1 or K, B, T, I]``, ``y [K, B, T, O]``,
+    packed weights ``wp [L, K, 4H, W]`` and head matrices ``mats[i] [K, F(i+1), F(i) + 1]`` (weight | bias,
+    ReLU between layers)."""
+    return _gru_mlp(x, y, wp, mats)
+
+
+def gru_mlp_forward(x: Tensor, wp: Tensor, mats: list[Tensor]) -> Tensor:
+    """The logits ``[K, B, T, O]`` of the same networks (no gradients), a network at a time."""
+    return _gru_mlp(x, None, wp, mats)

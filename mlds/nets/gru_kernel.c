@@ -301,7 +301,8 @@ size_t gru_mlp_bce_work(const int *sizes, int n_head, int n_layers, int hidden, 
 }
 
 /* loss[k] = mean BCE of network k's head on its last layer's states against y, and the gradients of
- * loss[k] with respect to network k's wp (dwp) and head matrices (dhead), for every k.
+ * loss[k] with respect to network k's wp (dwp) and head matrices (dhead), for every k. With y NULL,
+ * the forward only: the logits into out [K, B, T, O] (loss, dwp, dhead unused).
  *   x     [1 or K, B, T, n_in]  (x_shared: one input for all networks)
  *   y     [K, B, T, O]
  *   head  for each head layer i: [K, F(i+1), F(i) + 1] (weight | bias), layers one after another;
@@ -310,7 +311,8 @@ size_t gru_mlp_bce_work(const int *sizes, int n_head, int n_layers, int hidden, 
  */
 void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_shared, const float *restrict y,
                       const float *restrict head, const int *sizes, int n_head, float *restrict loss,
-                      float *restrict dwp, float *restrict dhead, float *restrict work, int n_layers, int k_nets,
+                      float *restrict out, float *restrict dwp, float *restrict dhead, float *restrict work,
+                      int n_layers, int k_nets,
                       int hidden, int width, int wb, int batch, int t_len, int n_in) {
     const int gw = 4 * hidden, n_steps = t_len + n_layers - 1, n_out = sizes[n_head];
     const size_t n = (size_t)t_len * batch, g_row = n + VL, per_w = (size_t)gw * width;
@@ -355,15 +357,23 @@ void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_s
         for (int i = 0; i < n_head; i++) {  /* head forward */
             const size_t per = (size_t)sizes[i + 1] * (sizes[i] + 1);
             mats[i] = head + off + k * per;
-            dmats[i] = dhead + off + k * per;
+            dmats[i] = y == NULL ? NULL : dhead + off + k * per;
             off += per * k_nets;
-            float *out = i + 1 < n_head ? h_acts[i + 1] : logits;
-            matmul(out, n, mats[i], sizes[i] + 1, 1, h_acts[i], n, sizes[i + 1], sizes[i] + 1, (int)n);
+            float *next = i + 1 < n_head ? h_acts[i + 1] : logits;
+            matmul(next, n, mats[i], sizes[i] + 1, 1, h_acts[i], n, sizes[i + 1], sizes[i] + 1, (int)n);
             if (i + 1 < n_head)
                 for (size_t m = 0; m < (size_t)sizes[i + 1] * n; m += VL) {
-                    const vf v = load(out + m);
-                    store(out + m, select(v > 0.0f, v, v - v));
+                    const vf v = load(next + m);
+                    store(next + m, select(v > 0.0f, v, v - v));
                 }
+        }
+        if (y == NULL) {  /* forward only: logits [O][T * B] -> out[k] [B][T][O] */
+            float *outk = out + (size_t)k * n * n_out;
+            for (int b = 0; b < batch; b++)
+                for (int t = 0; t < t_len; t++)
+                    for (int o = 0; o < n_out; o++)
+                        outk[((size_t)b * t_len + t) * n_out + o] = logits[(size_t)o * n + (size_t)t * batch + b];
+            continue;
         }
         const float *yk = y + (size_t)k * batch * t_len * n_out;
         for (int o = 0; o < n_out; o++)  /* targets in the logits' layout, [O][T * B] */

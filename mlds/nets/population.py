@@ -244,9 +244,18 @@ class PopulationRecurrentNet(PopulationNet):
         n_linear = len(self.spec["head_sizes"]) + 1
         return layers, [p[f"head.{2 * i}.weight"] for i in range(n_linear)], [p[f"head.{2 * i}.bias"] for i in range(n_linear)]
 
+    def _kernel_runs(self, x: Tensor, weights: list[Tensor]) -> bool:
+        """Whether the compiled kernel takes these networks and this input (:func:`cpu_kernel.usable`)."""
+        return cpu_kernel.usable(self.spec["cell"], x.shape[1], weights[0]) and len(weights) <= cpu_kernel.MAX_HEAD
+
     def forward(self, x: Tensor) -> Tensor:
         layers, weights, biases = self._parts()
-        h = recurrent_stack_features(self.spec["cell"], x, layers)
+        cell = self.spec["cell"]
+        if not torch.is_grad_enabled() and self._kernel_runs(x, weights):  # e.g. evaluation
+            x, wp = pack_stack(cell, x, layers)
+            return cpu_kernel.gru_mlp_forward(x.contiguous(), wp, [torch.cat([w, b.unsqueeze(2)], 2)
+                                                                    for w, b in zip(weights, biases)])
+        h = recurrent_stack_features(cell, x, layers)
         k, _, t, b = h.shape
         # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
         out = population_mlp(h.view(k, h.shape[1], t * b), weights, biases)
@@ -261,9 +270,9 @@ class PopulationRecurrentNet(PopulationNet):
             return super().training_loss(x, y, mask, loss)
         layers, weights, biases = self._parts()
         cell = self.spec["cell"]
-        if cpu_kernel.usable(cell, x.shape[1], weights[0], y) and len(weights) <= cpu_kernel.MAX_HEAD:
+        if self._kernel_runs(x, weights):
             x, wp = pack_stack(cell, x, layers)
-            return _GRUStepFunction.apply(x, y.to(wp.dtype), wp, *weights, *biases)
+            return _GRUStepFunction.apply(x, y.to(wp.dtype).contiguous(), wp, *weights, *biases)
         h = recurrent_stack_features(cell, x, layers)
         k, _, t, b = h.shape
         return population_mlp_bce(h.view(k, h.shape[1], t * b), y.permute(0, 3, 2, 1), weights, biases)
