@@ -111,25 +111,32 @@ static inline float total(vf v) {
 }
 
 /* out[o * out_row + i] = sum_m g[o * g_row + m] * a[i * a_row + m] for o < n_out, i < n_in, m < len
- * (len a multiple of VL): four rows of g at a time, the sums kept per lane in registers. */
+ * (len a multiple of VL): eight rows of g at a time (then four, then one), the sums kept per lane in
+ * registers. */
 static void dots(float *restrict out, size_t out_row, const float *restrict g, size_t g_row,
                  const float *restrict a, size_t a_row, int n_out, int n_in, size_t len) {
     int o = 0;
-    for (; o + 4 <= n_out; o += 4)
+    for (; o + 8 <= n_out; o += 8)
         for (int i = 0; i < n_in; i++) {
-            vf s0 = (vf){0}, s1 = (vf){0}, s2 = (vf){0}, s3 = (vf){0};
+            vf s[8];
+            for (int q = 0; q < 8; q++) s[q] = (vf){0};
             const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
             for (size_t m = 0; m < len; m += VL) {
                 const vf x = load(ai + m);
-                s0 += load(g0 + m) * x;
-                s1 += load(g0 + g_row + m) * x;
-                s2 += load(g0 + 2 * g_row + m) * x;
-                s3 += load(g0 + 3 * g_row + m) * x;
+                for (int q = 0; q < 8; q++) s[q] += load(g0 + q * g_row + m) * x;
             }
-            out[(size_t)o * out_row + i] = total(s0);
-            out[(size_t)(o + 1) * out_row + i] = total(s1);
-            out[(size_t)(o + 2) * out_row + i] = total(s2);
-            out[(size_t)(o + 3) * out_row + i] = total(s3);
+            for (int q = 0; q < 8; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
+        }
+    for (; o + 4 <= n_out; o += 4)
+        for (int i = 0; i < n_in; i++) {
+            vf s[4];
+            for (int q = 0; q < 4; q++) s[q] = (vf){0};
+            const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
+            for (size_t m = 0; m < len; m += VL) {
+                const vf x = load(ai + m);
+                for (int q = 0; q < 4; q++) s[q] += load(g0 + q * g_row + m) * x;
+            }
+            for (int q = 0; q < 4; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
         }
     for (; o < n_out; o++)
         for (int i = 0; i < n_in; i++) {
