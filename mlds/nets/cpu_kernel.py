@@ -1,14 +1,24 @@
-"""The compiled CPU kernel of the GRU wavefront (``gru_kernel.c``), built at first use.
+"""The compiled CPU kernel for GRU populations (``gru_kernel.c``), built at first use.
 
-On a CPU, the operator path of :mod:`mlds.nets.recurrent` spends most of a DS1
-step on small element-wise operators and their calls; the C loops do the same
-work one network at a time in cache. The kernel is compiled with the system's C
-compiler (``$CC``, else Python's, else ``cc``; ``-O3 -march=native``) into a
-per-user cache (``$MLDS_CACHE``, else ``$XDG_CACHE_HOME/mlds``, else
-``~/.cache/mlds``), keyed by the source, the flags and the CPU, and loaded with
-ctypes. Without a compiler, or with ``MLDS_CPU_KERNEL=0``, training uses the
-operator path, which stays the reference: both give the same networks up to
-float rounding (``tests/test_recurrent.py``).
+On a CPU the operator path spends most of a DS1 step on small element-wise
+operators, their calls and their memory traffic. The kernel does the same work
+one network at a time, while that network's activations stay in cache:
+
+- a whole training step of GRU + MLP networks with a BCE loss (forward, loss,
+  and every gradient: :func:`gru_mlp_bce_step`) and the forward alone for
+  evaluation (:func:`gru_mlp_forward`), used by
+  :class:`mlds.nets.population.PopulationRecurrentNet`;
+- the recurrent stack alone (:func:`gru_forward`, :func:`gru_backward`: the
+  wavefront of :mod:`mlds.nets.recurrent` compiled), used by
+  :func:`mlds.nets.recurrent.recurrent_stack_features`.
+
+It is compiled with the system's C compiler (``$CC``, else Python's, else
+``cc``; ``-O3 -march=native``) into a per-user cache (``$MLDS_CACHE``, else
+``$XDG_CACHE_HOME/mlds``, else ``~/.cache/mlds``), keyed by the source, the
+flags and the CPU (a home shared by a cluster's nodes keeps one build per CPU
+kind), and loaded with ctypes. Without a compiler, or with ``MLDS_CPU_KERNEL=0``,
+training uses the operator path, which stays the reference: both give the same
+networks up to float rounding (``tests/test_recurrent.py``).
 """
 from __future__ import annotations
 
@@ -29,7 +39,7 @@ import torch
 from torch import Tensor
 
 SOURCE = Path(__file__).with_name("gru_kernel.c")
-FLAGS = ["-O3", "-march=native", "-std=c11", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC"]
 LANES = 16  # the kernel's vector width in floats (VL in gru_kernel.c): batches must be a multiple of it
 
 
@@ -93,8 +103,8 @@ def library() -> ctypes.CDLL | None:
     try:
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"the compiled GRU kernel is unavailable ({err}); training uses the operator path, "
-                      "the same networks a few times slower on a CPU", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"the compiled GRU kernel is unavailable ({err}); GRU networks train through the operator "
+                      "path: the same networks, about 1.6x slower on a CPU", RuntimeWarning, stacklevel=3)
         return None
     ints = [ctypes.c_int] * 7
     lib.gru_forward.argtypes = [ctypes.c_void_p] * 3 + ints

@@ -1,10 +1,13 @@
-/* The GRU wavefront of mlds/nets/recurrent.py as two C loops: forward (saving what the
- * backward needs) and backward through time, for K independent networks.
+/* Compiled CPU kernel for populations of GRU networks (loaded by mlds/nets/cpu_kernel.py).
  *
- * Same buffers, layouts and equations as the operator path (_forward / _backward with
- * save=True), which stays the reference: tests/test_recurrent.py holds the two equal.
- * One network at a time, so that its activations (about 0.6 MiB for DS1) stay in cache;
- * every inner loop runs over the batch and is vectorised by the compiler.
+ * gru_forward / gru_backward: the GRU wavefront of mlds/nets/recurrent.py (same buffers, layouts
+ * and equations as its _forward / _backward with save=True).
+ * gru_mlp_bce_step: a whole training step of GRU + MLP networks with a per-network mean BCE
+ * (forward, loss, every gradient), or with y NULL the forward alone (evaluation).
+ *
+ * Everything runs one network at a time, so that its activations (about 2 MiB for DS1, a core's
+ * L2) stay in cache; every inner loop runs over 16 batch lanes (GCC/Clang vector extensions).
+ * The operator path stays the reference: tests/test_recurrent.py holds the two equal.
  *
  *   wp   [L, K, 4H, W]       packed weights on [input (wb) | h (H) | 1]; rows r, z, n_in, n_h,
  *                            the last two scaled by 2 (tanh(a) = 2 sigmoid(2a) - 1)
@@ -49,10 +52,39 @@ static inline vf exp_approx(vf x) {
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 /* out[o * out_row + b] = sum_i w[o * so + i * si] * in[i * in_row + b] for o < n_out, i < n_sum,
- * b < batch: four rows by two vectors of the batch accumulate in registers. */
+ * b < batch: four rows by four (long rows) or two vectors of the batch accumulate in registers. */
 static void matmul(float *restrict out, size_t out_row, const float *restrict w, int so, int si,
                    const float *restrict in, size_t in_row, int n_out, int n_sum, int batch) {
     int b = 0;
+    for (; b + 4 * VL <= batch; b += 4 * VL) {  /* long rows (the head's T * B): four rows by four vectors */
+        int o = 0;
+        for (; o + 4 <= n_out; o += 4) {
+            vf acc[4][4];
+            for (int q = 0; q < 4; q++)
+                for (int v = 0; v < 4; v++) acc[q][v] = (vf){0};
+            const float *w0 = w + (size_t)o * so;
+            for (int i = 0; i < n_sum; i++) {
+                const float *row = in + i * in_row + b;
+                const vf x0 = load(row), x1 = load(row + VL), x2 = load(row + 2 * VL), x3 = load(row + 3 * VL);
+                for (int q = 0; q < 4; q++) {
+                    const float wq = w0[(size_t)q * so + (size_t)i * si];
+                    acc[q][0] += wq * x0;
+                    acc[q][1] += wq * x1;
+                    acc[q][2] += wq * x2;
+                    acc[q][3] += wq * x3;
+                }
+            }
+            for (int q = 0; q < 4; q++)
+                for (int v = 0; v < 4; v++) store(out + (size_t)(o + q) * out_row + b + v * VL, acc[q][v]);
+        }
+        for (; o < n_out; o++)
+            for (int v = 0; v < 4; v++) {
+                vf a0 = (vf){0};
+                for (int i = 0; i < n_sum; i++)
+                    a0 += w[(size_t)o * so + (size_t)i * si] * load(in + i * in_row + b + v * VL);
+                store(out + (size_t)o * out_row + b + v * VL, a0);
+            }
+    }
     for (; b + 2 * VL <= batch; b += 2 * VL) {
         int o = 0;
         for (; o + 4 <= n_out; o += 4) {
