@@ -31,6 +31,11 @@ static inline vf load(const float *p) { vf v; memcpy(&v, p, sizeof v); return v;
 static inline void store(float *p, vf v) { memcpy(p, &v, sizeof v); }
 static inline vf select(vi mask, vf yes, vf no) { return (vf)(((vi)yes & mask) | ((vi)no & ~mask)); }
 
+/* Copy n floats (a multiple of VL): inline, where a memcpy call would cost more than the copy. */
+static inline void copy(float *restrict dst, const float *restrict src, size_t n) {
+    for (size_t i = 0; i < n; i += VL) store(dst + i, load(src + i));
+}
+
 /* exp(x): Cephes' single-precision polynomial on the range reduced by powers of 2 (relative
  * error about 1e-7), clamped to [-87, 88] where float neither overflows nor goes denormal. */
 static inline vf exp_approx(vf x) {
@@ -52,7 +57,8 @@ static inline vf exp_approx(vf x) {
 static inline vf sigmoid(vf x) { return 1.0f / (1.0f + exp_approx(-x)); }
 
 /* out[o * out_row + b] = sum_i w[o * so + i * si] * in[i * in_row + b] for o < n_out, i < n_sum,
- * b < batch: four rows by four (long rows) or two vectors of the batch accumulate in registers. */
+ * b < batch: four rows by four vectors (long rows) or six rows by two vectors of the batch accumulate
+ * in registers. */
 static void matmul(float *restrict out, size_t out_row, const float *restrict w, int so, int si,
                    const float *restrict in, size_t in_row, int n_out, int n_sum, int batch) {
     int b = 0;
@@ -87,6 +93,25 @@ static void matmul(float *restrict out, size_t out_row, const float *restrict w,
     }
     for (; b + 2 * VL <= batch; b += 2 * VL) {
         int o = 0;
+        const int six = n_out % 4 ? n_out - n_out % 6 : 0;  /* rows in blocks of six where fours leave a rest */
+        for (; o + 6 <= six; o += 6) {  /* six rows by two vectors: twelve sums in flight */
+            vf acc[6][2];
+            for (int q = 0; q < 6; q++) acc[q][0] = acc[q][1] = (vf){0};
+            const float *w0 = w + (size_t)o * so;
+            for (int i = 0; i < n_sum; i++) {
+                const float *row = in + i * in_row + b;
+                const vf x0 = load(row), x1 = load(row + VL);
+                for (int q = 0; q < 6; q++) {
+                    const float wq = w0[(size_t)q * so + (size_t)i * si];
+                    acc[q][0] += wq * x0;
+                    acc[q][1] += wq * x1;
+                }
+            }
+            for (int q = 0; q < 6; q++) {
+                store(out + (size_t)(o + q) * out_row + b, acc[q][0]);
+                store(out + (size_t)(o + q) * out_row + b + VL, acc[q][1]);
+            }
+        }
         for (; o + 4 <= n_out; o += 4) {
             vf a0 = (vf){0}, a1 = (vf){0}, c0 = (vf){0}, c1 = (vf){0};
             vf e0 = (vf){0}, e1 = (vf){0}, f0 = (vf){0}, f1 = (vf){0};
@@ -143,13 +168,31 @@ static inline float total(vf v) {
 }
 
 /* out[o * out_row + i] = sum_m g[o * g_row + m] * a[i * a_row + m] for o < n_out, i < n_in, m < len
- * (len a multiple of VL): eight rows of g at a time (then four, then one), the sums kept per lane in
- * registers. */
+ * (len a multiple of VL): eight rows of g against two rows of a at a time (then fewer), the sums kept
+ * per lane in registers. */
 static void dots(float *restrict out, size_t out_row, const float *restrict g, size_t g_row,
                  const float *restrict a, size_t a_row, int n_out, int n_in, size_t len) {
     int o = 0;
-    for (; o + 8 <= n_out; o += 8)
-        for (int i = 0; i < n_in; i++) {
+    for (; o + 8 <= n_out; o += 8) {
+        int i = 0;
+        for (; i + 2 <= n_in; i += 2) {  /* eight rows of g against two rows of a: 10 loads, 16 FMAs */
+            vf s[8], t[8];
+            for (int q = 0; q < 8; q++) s[q] = t[q] = (vf){0};
+            const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
+            for (size_t m = 0; m < len; m += VL) {
+                const vf x = load(ai + m), y = load(ai + a_row + m);
+                for (int q = 0; q < 8; q++) {
+                    const vf gq = load(g0 + q * g_row + m);
+                    s[q] += gq * x;
+                    t[q] += gq * y;
+                }
+            }
+            for (int q = 0; q < 8; q++) {
+                out[(size_t)(o + q) * out_row + i] = total(s[q]);
+                out[(size_t)(o + q) * out_row + i + 1] = total(t[q]);
+            }
+        }
+        for (; i < n_in; i++) {
             vf s[8];
             for (int q = 0; q < 8; q++) s[q] = (vf){0};
             const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
@@ -159,6 +202,7 @@ static void dots(float *restrict out, size_t out_row, const float *restrict g, s
             }
             for (int q = 0; q < 8; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
         }
+    }
     for (; o + 4 <= n_out; o += 4)
         for (int i = 0; i < n_in; i++) {
             vf s[4];
@@ -214,7 +258,7 @@ void gru_forward(const float *restrict wp, float *restrict hc, float *restrict a
                         store(hn + b, select(z < 0.5f, n + z * (h - n), h - (h - n) * (1.0f - z)));  /* torch.lerp */
                     }
                     if (l < n_layers - 1)  /* the next layer's input at the next step */
-                        memcpy(nxt + (size_t)k_nets * hc_lk + (size_t)u * batch, hn, sizeof(float) * batch);
+                        copy(nxt + (size_t)k_nets * hc_lk + (size_t)u * batch, hn, batch);
                 }
             }
         }
@@ -228,8 +272,7 @@ static void weight_gradient(float *restrict out, const float *restrict gl, const
                             int t_len) {
     for (int j = 0; j < width; j++)
         for (int t = 0; t < t_len; t++)
-            memcpy(rows + j * g_row + (size_t)t * batch, in0 + t * step_stride + (size_t)j * batch,
-                   sizeof(float) * batch);
+            copy(rows + j * g_row + (size_t)t * batch, in0 + t * step_stride + (size_t)j * batch, batch);
     dots(out, width, gl, g_row, rows, g_row, gw, width, (size_t)t_len * batch);
 }
 
@@ -289,7 +332,7 @@ void gru_backward(const float *restrict wp, const float *restrict hc, const floa
                     float *below = dh + (size_t)(l - 1) * hidden * batch;
                     for (size_t i = 0; i < (size_t)hidden * batch; i++) below[i] += dinp[i];
                 } else if (dx != NULL) {
-                    memcpy(dx + ((size_t)s * k_nets + k) * n_in * batch, dinp, sizeof(float) * n_in * batch);
+                    copy(dx + ((size_t)s * k_nets + k) * n_in * batch, dinp, (size_t)n_in * batch);
                 }
             }
         }
@@ -387,9 +430,8 @@ void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_s
         gru_forward(wpk, hck, actk, n_layers, 1, hidden, width, wb, batch, t_len);
         for (int u = 0; u < hidden; u++)  /* the head's input: the last layer's states, [H][T * B] */
             for (int t = 0; t < t_len; t++)
-                memcpy(h_acts[0] + (size_t)u * n + (size_t)t * batch,
-                       hck + (t + n_layers) * hc_step + ((size_t)(n_layers - 1) * width + wb + u) * batch,
-                       sizeof(float) * batch);
+                copy(h_acts[0] + (size_t)u * n + (size_t)t * batch,
+                       hck + (t + n_layers) * hc_step + ((size_t)(n_layers - 1) * width + wb + u) * batch, batch);
         size_t off = 0;
         const float *mats[MAX_HEAD];
         float *dmats[MAX_HEAD];
