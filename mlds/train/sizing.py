@@ -26,8 +26,6 @@ def population_size_for(free_bytes: float, bytes_per_network: float, n_seeds: in
 def bytes_per_network(rec: dict, task: Task, device: torch.device, probe: int = PROBE) -> float:
     """Peak CUDA memory per network of a probe population: the larger of a training step (activations
     and gradients, plus Adam's two moments) and an evaluation chunk of 256 samples."""
-    from mlds.tasks.task import training_loss
-
     net = population_from_seeds(rec["architecture"], range(probe)).to(device)
     train = task.train.to(device)
     batch = int(rec["train"]["batch_size"])
@@ -35,7 +33,7 @@ def bytes_per_network(rec: dict, task: Task, device: torch.device, probe: int = 
     torch.cuda.synchronize(device)
     torch.cuda.reset_peak_memory_stats(device)
     before = torch.cuda.memory_allocated(device)
-    training_loss(net(train.x[idx]), train.y[idx], None, task.loss).sum().backward()
+    net.training_loss(train.x[idx], train.y[idx], None, task.loss).sum().backward()  # as a training step does
     step = torch.cuda.max_memory_allocated(device) - before
     net.zero_grad(set_to_none=True)
     torch.cuda.reset_peak_memory_stats(device)
