@@ -46,7 +46,10 @@ def test_param_count_ds1():
     assert population_from_seeds(GRU_SPEC, [0, 1, 2]).params[0].shape[0] == 3
 
 
-def test_alone_and_in_population_identical_start_batches_and_trajectory(task):
+@pytest.mark.parametrize("kernel", ["1", "0"])
+def test_alone_and_in_population_identical_start_batches_and_trajectory(task, monkeypatch, kernel):
+    """Through the compiled CPU kernel (where it builds) and through the operator path (what CUDA runs)."""
+    monkeypatch.setenv("MLDS_CPU_KERNEL", kernel)
     alone = fit(task, [7], max_steps=20)
     crowd = fit(task, [3, 7, 11, 12], max_steps=20)
     start_alone = population_from_seeds(GRU_SPEC, [7]).network_state_dict(0)
@@ -64,6 +67,17 @@ def test_alone_and_in_population_identical_start_batches_and_trajectory(task):
     moved = max((a[n] - start_alone[n]).abs().max().item() for n in a)
     assert moved > 1e-3  # it really trained
     assert max((a[n] - c[n]).abs().max().item() for n in a) < 1e-5
+
+
+def test_compiled_kernel_and_operator_path_train_the_same_networks(task, monkeypatch):
+    trained = {}
+    for kernel in ("1", "0"):
+        monkeypatch.setenv("MLDS_CPU_KERNEL", kernel)
+        trained[kernel] = fit(task, [3, 7], max_steps=20).records
+    for with_kernel, with_operators in zip(trained["1"], trained["0"]):
+        a, b = with_kernel.state_dict, with_operators.state_dict
+        assert max((a[n] - b[n]).abs().max().item() for n in a) < 1e-5
+        assert with_kernel.history["val_loss"] == pytest.approx(with_operators.history["val_loss"], abs=1e-6)
 
 
 def test_learning_rate_schedule_steps_per_epoch_alone_and_in_population(task):

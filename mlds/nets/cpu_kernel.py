@@ -109,9 +109,11 @@ def library() -> ctypes.CDLL | None:
     ints = [ctypes.c_int] * 7
     lib.gru_forward.argtypes = [ctypes.c_void_p] * 3 + ints
     lib.gru_backward.argtypes = [ctypes.c_void_p] * 7 + ints + [ctypes.c_int]
-    lib.gru_mlp_bce_work.restype = ctypes.c_size_t
-    lib.gru_mlp_bce_work.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6
-    lib.gru_mlp_bce_step.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+    lib.gru_backward_work.restype = ctypes.c_size_t
+    lib.gru_backward_work.argtypes = [ctypes.c_int] * 5
+    lib.gru_mlp_work.restype = ctypes.c_size_t
+    lib.gru_mlp_work.argtypes = [ctypes.c_void_p] + [ctypes.c_int] * 6
+    lib.gru_mlp_step.argtypes = ([ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.c_void_p, ctypes.c_int] + [ctypes.c_void_p] * 5 + [ctypes.c_int] * 8)
     return lib
 
@@ -119,9 +121,8 @@ def library() -> ctypes.CDLL | None:
 def usable(cell: str, batch: int, *tensors: Tensor) -> bool:
     """Whether the kernel runs this stack: GRU, a batch that is a multiple of ``LANES``, float32
     contiguous CPU tensors, enabled and built."""
-    return (cell == "gru" and batch % LANES == 0 and enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32
-                                                  and t.is_contiguous() for t in tensors)
-            and library() is not None)
+    plain = all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors)
+    return cell == "gru" and batch % LANES == 0 and plain and enabled() and library() is not None
 
 
 def _ptr(t: Tensor | None) -> int | None:
@@ -139,16 +140,17 @@ def gru_backward(wp: Tensor, hc: Tensor, acts: Tensor, grad_out: Tensor, dwp: Te
     """Write ``dwp`` and ``dx`` (if given) from the saved ``hc``, ``acts`` and ``grad_out [K, H, T, B]``."""
     n_layers, k, gw, width = wp.shape
     hidden, t_len, batch = gw // 4, grad_out.shape[2], grad_out.shape[3]
-    g_row = t_len * batch + LANES
-    work = wp.new_empty(n_layers * hidden * batch + width * batch + (n_layers * gw + width) * g_row)
-    library().gru_backward(_ptr(wp), _ptr(hc), _ptr(acts), _ptr(grad_out), _ptr(dwp), _ptr(dx), _ptr(work),
+    lib = library()
+    work = wp.new_empty(lib.gru_backward_work(n_layers, hidden, width, batch, t_len))
+    lib.gru_backward(_ptr(wp), _ptr(hc), _ptr(acts), _ptr(grad_out), _ptr(dwp), _ptr(dx), _ptr(work),
                            n_layers, k, hidden, width, wb, batch, t_len, n_in)
 
 
-MAX_HEAD = 64  # head layers the fused step takes at most (MAX_HEAD in gru_kernel.c)
+MAX_HEAD = 64  # head layers gru_mlp_step takes at most (MAX_HEAD in gru_kernel.c)
 
 
 def _gru_mlp(x: Tensor, y: Tensor | None, wp: Tensor, mats: list[Tensor]):
+    """``gru_mlp_step`` of the kernel: with targets ``y`` the loss and gradients, else the logits."""
     n_layers, k, gw, width = wp.shape
     hidden = gw // 4
     _, batch, t_len, n_in = x.shape
@@ -157,7 +159,7 @@ def _gru_mlp(x: Tensor, y: Tensor | None, wp: Tensor, mats: list[Tensor]):
     sizes = [hidden] + [m.shape[1] for m in mats]
     c_sizes = (ctypes.c_int * len(sizes))(*sizes)
     lib = library()
-    work = wp.new_empty(lib.gru_mlp_bce_work(c_sizes, len(mats), n_layers, hidden, width, batch, t_len))
+    work = wp.new_empty(lib.gru_mlp_work(c_sizes, len(mats), n_layers, hidden, width, batch, t_len))
     head = torch.cat([m.reshape(-1) for m in mats])
     if y is None:
         loss = dwp = dhead = None
@@ -165,7 +167,7 @@ def _gru_mlp(x: Tensor, y: Tensor | None, wp: Tensor, mats: list[Tensor]):
     else:
         out = None
         dhead, loss, dwp = torch.empty_like(head), wp.new_empty(k), torch.empty_like(wp)
-    lib.gru_mlp_bce_step(_ptr(wp), _ptr(x), int(x.shape[0] == 1 and k > 1), _ptr(y), _ptr(head), c_sizes, len(mats),
+    lib.gru_mlp_step(_ptr(wp), _ptr(x), int(x.shape[0] == 1 and k > 1), _ptr(y), _ptr(head), c_sizes, len(mats),
                          _ptr(loss), _ptr(out), _ptr(dwp), _ptr(dhead), _ptr(work), n_layers, k, hidden, width,
                          width - hidden - 1, batch, t_len, n_in)
     if y is None:

@@ -2,7 +2,7 @@
  *
  * gru_forward / gru_backward: the GRU wavefront of mlds/nets/recurrent.py (same buffers, layouts
  * and equations as its _forward / _backward with save=True).
- * gru_mlp_bce_step: a whole training step of GRU + MLP networks with a per-network mean BCE
+ * gru_mlp_step: a whole training step of GRU + MLP networks with a per-network mean BCE
  * (forward, loss, every gradient), or with y NULL the forward alone (evaluation).
  *
  * Everything runs one network at a time, so that its activations (about 2 MiB for DS1, a core's
@@ -276,12 +276,18 @@ static void weight_gradient(float *restrict out, const float *restrict gl, const
     dots(out, width, gl, g_row, rows, g_row, gw, width, (size_t)t_len * batch);
 }
 
+/* Floats of work gru_backward needs: the state gradients dh [L][H][B], one layer's input gradient
+ * [W][B], one network's gate gradients [L][4H][T][B] and one layer's inputs [W][T][B], their rows
+ * t_len * batch + VL floats apart (rows a multiple of 4 KiB apart would share cache sets). */
+size_t gru_backward_work(int n_layers, int hidden, int width, int batch, int t_len) {
+    const size_t g_row = (size_t)t_len * batch + VL;
+    return (size_t)n_layers * hidden * batch + (size_t)width * batch + ((size_t)n_layers * 4 * hidden + width) * g_row;
+}
+
 void gru_backward(const float *restrict wp, const float *restrict hc, const float *restrict acts,
                   const float *restrict go, float *restrict dwp, float *restrict dx, float *restrict work,
                   int n_layers, int k_nets, int hidden, int width, int wb, int batch, int t_len, int n_in) {
-    /* work: n_layers * hidden * batch (dh) + width * batch (dinp) + (n_layers * 4 * hidden + width) * g_row
-     * (one network's gate gradients [L][4H][T][B] and one layer's inputs [W][T][B], rows g_row apart) floats,
-     * g_row = t_len * batch + VL: rows a multiple of 4 KiB apart would share cache sets */
+    /* work: gru_backward_work(...) floats */
     const int gw = 4 * hidden, n_steps = t_len + n_layers - 1;
     const size_t hc_lk = (size_t)width * batch, act_lk = (size_t)gw * batch, g_row = (size_t)t_len * batch + VL;
     const size_t step_stride = (size_t)n_layers * k_nets * hc_lk;  /* hc from one step to the next */
@@ -366,18 +372,16 @@ static inline vf log_approx(vf x) {
 
 #define MAX_HEAD 64  /* head layers at most */
 
-/* Floats of work gru_mlp_bce_step needs. */
-size_t gru_mlp_bce_work(const int *sizes, int n_head, int n_layers, int hidden, int width, int batch, int t_len) {
+/* Floats of work gru_mlp_step needs. */
+size_t gru_mlp_work(const int *sizes, int n_head, int n_layers, int hidden, int width, int batch, int t_len) {
     const size_t gw = 4 * (size_t)hidden, n_steps = (size_t)t_len + n_layers - 1, n = (size_t)t_len * batch;
-    const size_t g_row = n + VL;
     size_t widest = 0, acts = 0;
     for (int i = 0; i <= n_head; i++) widest = sizes[i] > (int)widest ? (size_t)sizes[i] : widest;
     for (int i = 0; i < n_head; i++) acts += (size_t)(sizes[i] + 1) * n;
     return 2 * n_layers * gw * width                                   /* one network's wp and dwp */
            + (n_steps + 1) * n_layers * width * batch                  /* its hc */
            + n_steps * n_layers * gw * batch                           /* its acts */
-           + (size_t)n_layers * hidden * batch + (size_t)width * batch  /* gru_backward: dh, dinp */
-           + (n_layers * gw + width) * g_row                           /* gru_backward: gates, inputs */
+           + gru_backward_work(n_layers, hidden, width, batch, t_len)
            + acts + 2 * (size_t)sizes[n_head] * n + 2 * widest * n    /* head: inputs, logits/y, gradients */
            + (size_t)hidden * n;                                       /* the states' gradient */
 }
@@ -389,9 +393,9 @@ size_t gru_mlp_bce_work(const int *sizes, int n_head, int n_layers, int hidden, 
  *   y     [K, B, T, O]
  *   head  for each head layer i: [K, F(i+1), F(i) + 1] (weight | bias), layers one after another;
  *         sizes = F(0) = H, F(1), ..., F(n_head) = O; ReLU between layers
- *   work  gru_mlp_bce_work(...) floats
+ *   work  gru_mlp_work(...) floats
  */
-void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_shared, const float *restrict y,
+void gru_mlp_step(const float *restrict wp, const float *restrict x, int x_shared, const float *restrict y,
                       const float *restrict head, const int *sizes, int n_head, float *restrict loss,
                       float *restrict out, float *restrict dwp, float *restrict dhead, float *restrict work,
                       int n_layers, int k_nets,
@@ -402,7 +406,7 @@ void gru_mlp_bce_step(const float *restrict wp, const float *restrict x, int x_s
     float *wpk = work, *dwpk = wpk + n_layers * per_w, *hck = dwpk + n_layers * per_w;
     float *actk = hck + (n_steps + 1) * hc_step;
     float *bwork = actk + (size_t)n_steps * n_layers * gw * batch;
-    float *hin = bwork + (size_t)n_layers * hidden * batch + (size_t)width * batch + (n_layers * gw + width) * g_row;
+    float *hin = bwork + gru_backward_work(n_layers, hidden, width, batch, t_len);
     float *logits = hin, *target;
     size_t widest = 0;
     for (int i = 0; i <= n_head; i++) widest = sizes[i] > (int)widest ? (size_t)sizes[i] : widest;
