@@ -25,6 +25,11 @@ from mlds.tasks.task import bce_terms, training_loss
 HEAD_CHUNK = 4
 
 
+def _with_bias(weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tensor]:
+    """Each linear layer as one matrix ``[K, F_out, F_in + 1]``: weight, then bias as the last column."""
+    return [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(weights, biases)]
+
+
 def _augmented(tag: str, k: int, features: int, n: int, like: Tensor, pooled: bool) -> Tensor:
     """``[K, features + 1, N]`` activation buffer whose last row is ones (the bias input)."""
     buf = _take(tag, (k, features + 1, n), like) if pooled else like.new_empty(k, features + 1, n)
@@ -57,7 +62,7 @@ class _HeadFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, *params: Tensor) -> Tensor:
         n_linear = len(params) // 2
-        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        mats = _with_bias(params[:n_linear], params[n_linear:])
         out, ctx.acts = _mlp_forward(x, mats, pooled=True)
         ctx.mats = mats
         return out
@@ -95,7 +100,7 @@ def population_mlp(x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor
     if torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights, *biases)):
         return _HeadFunction.apply(x, *weights, *biases)
     with torch.no_grad():
-        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(weights, biases)]
+        mats = _with_bias(weights, biases)
         return _mlp_forward(x, mats, pooled=False)[0]
 
 
@@ -115,7 +120,7 @@ class _HeadBCEFunction(torch.autograd.Function):
     def forward(ctx, x: Tensor, y: Tensor, chunk: int, *params: Tensor) -> Tensor:
         k, _, n = x.shape
         n_linear = len(params) // 2
-        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        mats = _with_bias(params[:n_linear], params[n_linear:])
         n_out = mats[-1].shape[1]
         d_mats = [torch.empty_like(m) for m in mats]
         d_x, loss = torch.empty_like(x), x.new_empty(k)
@@ -172,7 +177,7 @@ class _GRUStepFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, y: Tensor, wp: Tensor, *params: Tensor) -> Tensor:
         n_linear = len(params) // 2
-        mats = [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(params[:n_linear], params[n_linear:])]
+        mats = _with_bias(params[:n_linear], params[n_linear:])
         loss, dwp, d_mats = cpu_kernel.gru_mlp_bce_step(x.contiguous(), y.contiguous(), wp.contiguous(), mats)
         ctx.save_for_backward(dwp, *[d.view(m.shape) for d, m in zip(d_mats, mats)])
         return loss
@@ -253,8 +258,7 @@ class PopulationRecurrentNet(PopulationNet):
         cell = self.spec["cell"]
         if not torch.is_grad_enabled() and self._kernel_runs(x, weights):  # e.g. evaluation
             x, wp = pack_stack(cell, x, layers)
-            return cpu_kernel.gru_mlp_forward(x.contiguous(), wp, [torch.cat([w, b.unsqueeze(2)], 2)
-                                                                    for w, b in zip(weights, biases)])
+            return cpu_kernel.gru_mlp_forward(x.contiguous(), wp, _with_bias(weights, biases))
         h = recurrent_stack_features(cell, x, layers)
         k, _, t, b = h.shape
         # The head works feature-major, [K, features, T * B]: one batched matmul per layer.
