@@ -167,6 +167,20 @@ static inline float total(vf v) {
     return t;
 }
 
+/* out[(o + q) * out_row + i] = sum_m g[(o + q) * g_row + m] * a[i * a_row + m] for q < rows (a constant
+ * at each call, so the loops unroll), the sums kept per lane in registers. */
+static inline void dot_rows(int rows, float *restrict out, size_t out_row, const float *restrict g, size_t g_row,
+                            const float *restrict a, size_t a_row, int o, int i, size_t len) {
+    vf s[8];
+    for (int q = 0; q < rows; q++) s[q] = (vf){0};
+    const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
+    for (size_t m = 0; m < len; m += VL) {
+        const vf x = load(ai + m);
+        for (int q = 0; q < rows; q++) s[q] += load(g0 + q * g_row + m) * x;
+    }
+    for (int q = 0; q < rows; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
+}
+
 /* out[o * out_row + i] = sum_m g[o * g_row + m] * a[i * a_row + m] for o < n_out, i < n_in, m < len
  * (len a multiple of VL): eight rows of g against two rows of a at a time (then fewer), the sums kept
  * per lane in registers. */
@@ -192,34 +206,12 @@ static void dots(float *restrict out, size_t out_row, const float *restrict g, s
                 out[(size_t)(o + q) * out_row + i + 1] = total(t[q]);
             }
         }
-        for (; i < n_in; i++) {
-            vf s[8];
-            for (int q = 0; q < 8; q++) s[q] = (vf){0};
-            const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
-            for (size_t m = 0; m < len; m += VL) {
-                const vf x = load(ai + m);
-                for (int q = 0; q < 8; q++) s[q] += load(g0 + q * g_row + m) * x;
-            }
-            for (int q = 0; q < 8; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
-        }
+        for (; i < n_in; i++) dot_rows(8, out, out_row, g, g_row, a, a_row, o, i, len);
     }
     for (; o + 4 <= n_out; o += 4)
-        for (int i = 0; i < n_in; i++) {
-            vf s[4];
-            for (int q = 0; q < 4; q++) s[q] = (vf){0};
-            const float *g0 = g + (size_t)o * g_row, *ai = a + (size_t)i * a_row;
-            for (size_t m = 0; m < len; m += VL) {
-                const vf x = load(ai + m);
-                for (int q = 0; q < 4; q++) s[q] += load(g0 + q * g_row + m) * x;
-            }
-            for (int q = 0; q < 4; q++) out[(size_t)(o + q) * out_row + i] = total(s[q]);
-        }
+        for (int i = 0; i < n_in; i++) dot_rows(4, out, out_row, g, g_row, a, a_row, o, i, len);
     for (; o < n_out; o++)
-        for (int i = 0; i < n_in; i++) {
-            vf s0 = (vf){0};
-            for (size_t m = 0; m < len; m += VL) s0 += load(g + (size_t)o * g_row + m) * load(a + (size_t)i * a_row + m);
-            out[(size_t)o * out_row + i] = total(s0);
-        }
+        for (int i = 0; i < n_in; i++) dot_rows(1, out, out_row, g, g_row, a, a_row, o, i, len);
 }
 
 static inline void span(int s, int t_len, int n_layers, int *lo, int *hi) {
@@ -401,7 +393,7 @@ void gru_mlp_step(const float *restrict wp, const float *restrict x, int x_share
                       int n_layers, int k_nets,
                       int hidden, int width, int wb, int batch, int t_len, int n_in) {
     const int gw = 4 * hidden, n_steps = t_len + n_layers - 1, n_out = sizes[n_head];
-    const size_t n = (size_t)t_len * batch, g_row = n + VL, per_w = (size_t)gw * width;
+    const size_t n = (size_t)t_len * batch, per_w = (size_t)gw * width;
     const size_t hc_step = (size_t)n_layers * width * batch;
     float *wpk = work, *dwpk = wpk + n_layers * per_w, *hck = dwpk + n_layers * per_w;
     float *actk = hck + (n_steps + 1) * hc_step;

@@ -30,6 +30,12 @@ def _with_bias(weights: Sequence[Tensor], biases: Sequence[Tensor]) -> list[Tens
     return [torch.cat([w, b.unsqueeze(2)], 2) for w, b in zip(weights, biases)]
 
 
+def _scaled_head_gradients(d_mats: Sequence[Tensor], scale: Tensor) -> list[Tensor]:
+    """Per-network gradients of the head's ``[K, F_out, F_in + 1]`` matrices, times ``scale [K, 1, 1]``
+    (the loss's incoming gradient), as the weights' gradients followed by the biases'."""
+    return [d[..., :-1] * scale for d in d_mats] + [d[..., -1] * scale[..., 0] for d in d_mats]
+
+
 def _augmented(tag: str, k: int, features: int, n: int, like: Tensor, pooled: bool) -> Tensor:
     """``[K, features + 1, N]`` activation buffer whose last row is ones (the bias input)."""
     buf = _take(tag, (k, features + 1, n), like) if pooled else like.new_empty(k, features + 1, n)
@@ -155,8 +161,7 @@ class _HeadBCEFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         d_x, *d_mats = ctx.saved_tensors
         scale = grad.view(-1, 1, 1)
-        return (d_x * scale, None, None, *[d[..., :-1] * scale for d in d_mats],
-                *[d[..., -1] * scale[..., 0] for d in d_mats])
+        return (d_x * scale, None, None, *_scaled_head_gradients(d_mats, scale))
 
 
 def population_mlp_bce(x: Tensor, y: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]) -> Tensor:
@@ -187,8 +192,7 @@ class _GRUStepFunction(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         dwp, *d_mats = ctx.saved_tensors
         scale = grad.view(-1, 1, 1)
-        return (None, None, dwp * scale.unsqueeze(0), *[d[..., :-1] * scale for d in d_mats],
-                *[d[..., -1] * scale[..., 0] for d in d_mats])
+        return (None, None, dwp * scale.unsqueeze(0), *_scaled_head_gradients(d_mats, scale))
 
 
 class PopulationNet(nn.Module):
