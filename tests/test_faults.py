@@ -559,12 +559,13 @@ def test_status_counts_every_recipe(tmp_path):
 # --------------------------------------------------------------------------- real signals, real sweeps
 
 def _signalled_sweep(tmp_path: Path, sig: int, launcher: list[str]):
-    """Start a real sweep (3 tasks x 2 seeds, one population each, long enough), send ``sig`` once the
-    first shard is stored; returns (return code, stderr, shards stored at the signal, the command)."""
+    """Start a real sweep (3 tasks x 2 seeds, one population each, long enough: no network reaches the
+    stopping loss, so every population trains its 400 epochs), send ``sig`` once the first shard is
+    stored; returns (return code, stderr, shards stored at the signal, the command)."""
     root = tmp_path / "zoo"
     cmd = [sys.executable, "train.py", "-m", "machine=parity,single_invert,single_direct", "seed=range(0,2)",
-           "population.size=2", *TINY, "train.max_epochs=400", "train.threads=1", f"zoo.root={root}",
-           f"hydra.sweep.dir={tmp_path / 'sweep'}", *launcher]
+           "population.size=2", *TINY, "train.max_epochs=400", "train.stop_loss=1e-9", "train.threads=1",
+           f"zoo.root={root}", f"hydra.sweep.dir={tmp_path / 'sweep'}", *launcher]
     env = dict(os.environ, HYDRA_FULL_ERROR="0", PYTHONWARNINGS="ignore")
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                             start_new_session=True)
